@@ -272,9 +272,8 @@ mod tests {
             Manifest::parse(no_config.as_bytes(), None),
             Err(ManifestError::MissingConfig)
         ));
-        let bad_digest = format!(
-            r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"sha256:zz","size":1}}}}"#
-        );
+        let bad_digest =
+            r#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:zz","size":1}}"#;
         assert!(matches!(
             Manifest::parse(bad_digest.as_bytes(), None),
             Err(ManifestError::Digest(_))
