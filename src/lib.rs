@@ -2,11 +2,20 @@
 //!
 //! # Layout
 //! - [`oci`]: pure protocol vocabulary (digests, names, references, manifests, error codes).
+//! - [`config`]: the TOML file and its validation into an immutable `Config`.
+//! - [`storage`]: blob files, redb metadata, uploads, gc and fsck.
 //! - [`auth`]: principals, signed API keys, tokens, access policy, revocation.
+//! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
+//! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
 //!
 //! # Dependency direction
 //! `oci` depends on nothing. Domain modules (`auth`, `storage`, ...) never see hyper types
 //! or HTTP status codes. Nothing depends on `http` or `app`.
 
+pub mod app;
 pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod http;
 pub mod oci;
+pub mod storage;

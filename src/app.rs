@@ -1,0 +1,214 @@
+//! The composition root: builds every component once from a validated [`Config`], binds
+//! listeners, runs the server, and handles signals and shutdown.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{
+    AuthSettings, Authenticator, DEFAULT_CAPACITY, DEFAULT_MAX_FAILURES, DEFAULT_WINDOW,
+    FailureThrottle, RevocationSet, load_verifying_key, parse_revocation_file,
+};
+use crate::config::Config;
+use crate::http::{self, Listeners, TlsSettings};
+use crate::storage::Store;
+
+/// A running server.
+pub struct Daemon {
+    plain_addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    tls: Option<TlsSettings>,
+    auth: Authenticator,
+    config: Arc<Config>,
+}
+
+/// Reads the `/token` HMAC secret, creating it (mode 0600) on first start.
+fn token_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let raw = hex::decode(text.trim()).context("token secret file is not hex")?;
+            raw.try_into().map_err(|_| {
+                anyhow::anyhow!("token secret in {} must be 32 bytes of hex", path.display())
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret)
+                .map_err(|e| anyhow::anyhow!("no entropy for the token secret: {e}"))?;
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(hex::encode(secret).as_bytes())?;
+            f.sync_all()?;
+            Ok(secret)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn read_revocation_file(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_revocation_file(&text).map_err(|errs| {
+        let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("{}: {}", path.display(), lines.join("; "))
+    })
+}
+
+async fn bind_all(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        out.push(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {a}"))?,
+        );
+    }
+    Ok(out)
+}
+
+impl Daemon {
+    /// Opens the store, binds the configured addresses and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        let plain = bind_all(&config.server.listen).await?;
+        let tls = match &config.server.tls {
+            Some(t) => bind_all(&t.listen).await?,
+            None => Vec::new(),
+        };
+        Daemon::start_with(config, Listeners { plain, tls }).await
+    }
+
+    /// Starts serving on listeners the caller bound.
+    pub async fn start_with(config: Config, listeners: Listeners) -> anyhow::Result<Daemon> {
+        let config = Arc::new(config);
+        let root = config.storage.path.clone();
+        let cache = config.storage.db_cache;
+        let store = tokio::task::spawn_blocking(move || Store::open(&root, cache))
+            .await
+            .context("opening the store")?
+            .with_context(|| format!("opening the store in {}", config.storage.path.display()))?;
+        let mut revoked = store.revoked_keys()?;
+        if let Some(file) = &config.auth.revocation_file {
+            revoked.extend(read_revocation_file(file)?);
+        }
+        let issuers = config
+            .auth
+            .issuer_keys
+            .iter()
+            .map(|p| {
+                load_verifying_key(p).with_context(|| format!("loading issuer key {}", p.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let auth = Authenticator::new(
+            AuthSettings {
+                issuers,
+                token_secret: token_secret(&config.token_secret_path())?,
+                token_ttl: config.auth.token_ttl,
+                policy: config.policy.clone(),
+                service: config.auth.service.clone(),
+            },
+            RevocationSet::new(revoked),
+        );
+        let tls = match &config.server.tls {
+            Some(t) => Some(TlsSettings::load(&t.cert, &t.key)?),
+            None => None,
+        };
+        let plain_addrs = listeners
+            .plain
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect::<Vec<_>>();
+        let tls_addrs = listeners
+            .tls
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect::<Vec<_>>();
+        let throttle = FailureThrottle::new(DEFAULT_MAX_FAILURES, DEFAULT_WINDOW, DEFAULT_CAPACITY);
+        let state = http::State::new(config.clone(), store, auth.clone(), throttle);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(http::serve(state, listeners, tls.clone(), shutdown.clone()));
+        for a in &plain_addrs {
+            tracing::info!(addr = %a, tls = false, "listening");
+        }
+        for a in &tls_addrs {
+            tracing::info!(addr = %a, tls = true, "listening");
+        }
+        Ok(Daemon {
+            plain_addrs,
+            tls_addrs,
+            shutdown,
+            task,
+            tls,
+            auth,
+            config,
+        })
+    }
+
+    /// Addresses of the plain HTTP listeners.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.plain_addrs
+    }
+
+    /// Addresses of the TLS listeners.
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
+    }
+
+    /// Re-reads what can change without a restart: TLS certificates and the revocation file.
+    pub fn reload(&self) {
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificates reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload failed; keeping the old certificates")
+                }
+            }
+        }
+        if let Some(file) = &self.config.auth.revocation_file {
+            match read_revocation_file(file) {
+                Ok(ids) => {
+                    let added = self.auth.revocations().merge(ids);
+                    tracing::info!(added, "revocation list reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "revocation list reload failed"),
+            }
+        }
+    }
+
+    /// Stops accepting, drains connections (bounded by the grace period) and returns.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Serves until SIGTERM or SIGINT; SIGHUP reloads.
+    #[cfg(unix)]
+    pub async fn run_until_signalled(self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => self.reload(),
+            }
+        }
+        tracing::info!("shutting down");
+        self.stop().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! The command-line interface: argument definitions and the commands behind them.
+//! Commands return their output as text; only `main` prints and picks exit codes.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use crate::auth::{
+    Actions, KeyRequest, decode_unverified, issue_key, load_signing_key, write_issuer_pair,
+};
+use crate::config::{Config, DEFAULT_TOML, parse_duration};
+use crate::storage::Store;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outpost",
+    version,
+    about = "A pull-through caching edge mirror for container images"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the registry.
+    ///
+    /// Example: outpost serve --config /etc/outpost/outpost.toml
+    /// Without --config, serves the embedded default (see `outpost config default`).
+    Serve {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check or print configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Issuer key pairs and signed API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Remove blobs, manifests and uploads nothing references (daemon stopped).
+    ///
+    /// Example: outpost gc --config /etc/outpost/outpost.toml
+    Gc {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Verify every blob's digest and every reference; exits 1 on any problem.
+    ///
+    /// Example: outpost fsck --config /etc/outpost/outpost.toml --repair
+    Fsck {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Remove records of missing or corrupt blobs.
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate a configuration file, reporting every problem at once.
+    ///
+    /// Example: outpost config check --config /etc/outpost/outpost.toml
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration.
+    ///
+    /// Example: outpost config default > outpost.toml
+    Default,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Write a new Ed25519 issuer key pair (issuer.key, issuer.pub).
+    ///
+    /// Example: outpost key generate --out-dir /etc/outpost
+    Generate {
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Sign a new API key; the key is the last line of output.
+    ///
+    /// Example: outpost key issue --signing-key issuer.key --subject ci --repo 'team/**' --actions pull,push --expires 90d
+    Issue {
+        #[arg(long)]
+        signing_key: PathBuf,
+        #[arg(long)]
+        subject: String,
+        /// Repository glob the key may act on (repeatable).
+        #[arg(long = "repo", required = true)]
+        repos: Vec<String>,
+        #[arg(long, default_value = "pull")]
+        actions: String,
+        #[arg(long, default_value = "90d")]
+        expires: String,
+    },
+    /// Show a key's claims (not verified).
+    ///
+    /// Example: outpost key inspect opk1.eyJ2Ijo...
+    Inspect { key: String },
+    /// Revoke a key by id or by the key itself (daemon stopped; the running daemon
+    /// also reads `auth.revocation_file` on SIGHUP).
+    ///
+    /// Example: outpost key revoke --config /etc/outpost/outpost.toml 3f2a...
+    Revoke {
+        #[arg(long, short)]
+        config: PathBuf,
+        key_or_id: String,
+    },
+}
+
+/// What a command produced: text for stdout, and whether it found problems (exit 1).
+pub struct Outcome {
+    pub stdout: String,
+    pub failed: bool,
+}
+
+impl Outcome {
+    fn ok(stdout: String) -> Outcome {
+        Outcome {
+            stdout,
+            failed: false,
+        }
+    }
+}
+
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p).map_err(|e| anyhow::anyhow!("{}:\n{e}", p.display()))?,
+        None => Config::embedded_default()
+            .map_err(|e| anyhow::anyhow!("embedded default config:\n{e}"))?,
+    })
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Store::open(&config.storage.path, config.storage.db_cache).context("opening the store")
+}
+
+/// Runs every command except `serve`.
+pub fn run(command: Command) -> anyhow::Result<Outcome> {
+    match command {
+        Command::Serve { .. } => bail!("serve is run by main"),
+        Command::Config(ConfigCommand::Default) => Ok(Outcome::ok(DEFAULT_TOML.to_owned())),
+        Command::Config(ConfigCommand::Check { config }) => {
+            let c = load_config(config.as_deref())?;
+            for p in &c.auth.issuer_keys {
+                crate::auth::load_verifying_key(p)
+                    .with_context(|| format!("issuer key {}", p.display()))?;
+            }
+            Ok(Outcome::ok(format!(
+                "configuration is valid: {} upstream(s), {} access rule(s), {} mirror job(s)\n",
+                c.upstreams.len(),
+                c.access.len(),
+                c.mirrors.len()
+            )))
+        }
+        Command::Key(KeyCommand::Generate { out_dir }) => {
+            std::fs::create_dir_all(&out_dir)?;
+            let (private, public) = write_issuer_pair(&out_dir)?;
+            Ok(Outcome::ok(format!(
+                "wrote {} (keep secret) and {} (list it in [auth] issuer_keys)\n",
+                private.display(),
+                public.display()
+            )))
+        }
+        Command::Key(KeyCommand::Issue {
+            signing_key,
+            subject,
+            repos,
+            actions,
+            expires,
+        }) => {
+            let signing = load_signing_key(&signing_key)?;
+            let actions = Actions::parse_list(&actions)?;
+            let ttl = parse_duration(&expires).map_err(|e| anyhow::anyhow!(e))?;
+            let (key, claims) = issue_key(
+                &signing,
+                &KeyRequest {
+                    subject,
+                    repos,
+                    actions,
+                    ttl,
+                },
+                SystemTime::now(),
+            )?;
+            Ok(Outcome::ok(format!(
+                "id: {}\nsubject: {}\nexpires: {}\n{}\n",
+                claims.id,
+                claims.subject,
+                fmt_time(claims.expires_at),
+                key.expose()
+            )))
+        }
+        Command::Key(KeyCommand::Inspect { key }) => {
+            let c = decode_unverified(key.trim())?;
+            Ok(Outcome::ok(format!(
+                "id: {}\nsubject: {}\nissuer: {}\nrepositories: {}\nactions: {}\nissued: {}\nexpires: {}\n(signature not verified)\n",
+                c.id,
+                c.subject,
+                c.issuer,
+                c.repos.join(", "),
+                c.actions,
+                fmt_time(c.issued_at),
+                fmt_time(c.expires_at)
+            )))
+        }
+        Command::Key(KeyCommand::Revoke { config, key_or_id }) => {
+            let config = load_config(Some(&config))?;
+            let arg = key_or_id.trim();
+            let id = match decode_unverified(arg) {
+                Ok(claims) => claims.id,
+                Err(_)
+                    if !arg.is_empty()
+                        && arg.len() <= 64
+                        && arg.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                {
+                    arg.to_owned()
+                }
+                Err(_) => bail!("not a key or key id"),
+            };
+            let store = open_store(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let new = rt.block_on(store.revoke_key(&id))?;
+            Ok(Outcome::ok(if new {
+                format!("revoked {id}\n")
+            } else {
+                format!("{id} was already revoked\n")
+            }))
+        }
+        Command::Gc { config } => {
+            let config = load_config(Some(&config))?;
+            let store = open_store(&config)?;
+            let r = store.gc(config.storage.gc_grace, config.storage.upload_timeout)?;
+            Ok(Outcome::ok(format!(
+                "removed {} blob(s) ({} bytes), {} manifest(s), {} link(s), {} upload(s), {} stray file(s)\n",
+                r.blobs_removed,
+                r.bytes_freed,
+                r.manifests_removed,
+                r.links_removed,
+                r.uploads_removed,
+                r.stray_files_removed
+            )))
+        }
+        Command::Fsck { config, repair } => {
+            let config = load_config(Some(&config))?;
+            let store = open_store(&config)?;
+            let r = store.fsck(repair)?;
+            let mut out = String::new();
+            for p in &r.problems {
+                out.push_str(&format!("problem: {p}\n"));
+            }
+            for o in &r.orphans {
+                out.push_str(&format!("unreferenced blob file (gc removes it): {o}\n"));
+            }
+            out.push_str(&format!(
+                "checked {} blob(s) and {} manifest(s): {} problem(s){}\n",
+                r.blobs_checked,
+                r.manifests_checked,
+                r.problems.len(),
+                if repair {
+                    format!(", {} record(s) repaired", r.repaired)
+                } else {
+                    String::new()
+                }
+            ));
+            Ok(Outcome {
+                stdout: out,
+                failed: !r.problems.is_empty() && !repair,
+            })
+        }
+    }
+}
+
+fn fmt_time(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
+}

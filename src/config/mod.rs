@@ -1,0 +1,566 @@
+//! Configuration: the TOML file's raw serde shape, and its validation into an immutable
+//! [`Config`].
+//!
+//! Loading is pure: it reads no other file and opens no port, so `outpost config check`
+//! and `outpost serve` run the very same function. Unknown keys are errors (a security
+//! daemon must not silently ignore a misspelled rule), and every problem is reported at
+//! once rather than one per run.
+
+mod raw;
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::auth::{AccessRule, Actions, Policy};
+use crate::oci::RepoName;
+
+pub use units::{parse_duration, parse_size};
+
+/// The embedded default configuration.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Every problem found in a configuration file.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub auth: AuthConfig,
+    /// Access rules in file order (first match wins), and the policy compiled from them.
+    pub access: Vec<AccessRule>,
+    pub policy: Policy,
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Base URL clients reach us at, without a trailing slash.
+    pub public_url: String,
+    pub tls: Option<TlsConfig>,
+    /// How long a client may take to send request headers.
+    pub header_timeout: Duration,
+    /// How long a request body may stall between two reads.
+    pub body_idle_timeout: Duration,
+    /// Largest request head accepted.
+    pub max_header_bytes: usize,
+    /// How long in-flight requests get to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub listen: Vec<SocketAddr>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub http3: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    pub max_size: Option<u64>,
+    /// Unreferenced blobs younger than this are never collected (uploads in progress).
+    pub gc_grace: Duration,
+    /// Upload sessions idle for longer than this are abandoned and collected.
+    pub upload_timeout: Duration,
+    /// Page cache redb may use, in bytes.
+    pub db_cache: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: String,
+    pub aliases: Vec<String>,
+    pub tag_ttl: Duration,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub issuer_keys: Vec<PathBuf>,
+    pub central: Option<String>,
+    pub offline_grace: Duration,
+    pub revocation_file: Option<PathBuf>,
+    pub token_ttl: Duration,
+    /// File holding the HMAC secret for `/token` tokens; several processes behind one
+    /// name share it. Defaults to `token.secret` in the storage directory.
+    pub token_secret_file: Option<PathBuf>,
+    pub service: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    pub name: String,
+    pub upstream: String,
+    pub repositories: Vec<String>,
+    pub tags: Vec<String>,
+    pub tag_regex: Option<String>,
+    pub semver: Option<String>,
+    pub keep_newest: Option<usize>,
+    pub platforms: Vec<String>,
+    pub referrers: bool,
+    pub schedule: Option<String>,
+    pub bandwidth: Option<u64>,
+    pub concurrency: usize,
+    pub prune: bool,
+}
+
+impl Config {
+    /// Parses and validates a configuration file's text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        let raw: raw::RawConfig =
+            toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        Validator::default().config(raw)
+    }
+
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
+        Config::from_toml(&text)
+    }
+
+    /// The embedded default.
+    pub fn embedded_default() -> Result<Config, ConfigErrors> {
+        Config::from_toml(DEFAULT_TOML)
+    }
+
+    /// The redb database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.storage.path.join("outpost.redb")
+    }
+
+    /// Where the `/token` HMAC secret lives.
+    pub fn token_secret_path(&self) -> PathBuf {
+        self.auth
+            .token_secret_file
+            .clone()
+            .unwrap_or_else(|| self.storage.path.join("token.secret"))
+    }
+
+    /// The upstream whose name or alias is `ns` (Docker Hub's historic hosts included).
+    pub fn upstream_by_ns(&self, ns: &str) -> Option<&UpstreamConfig> {
+        let ns = match ns {
+            "index.docker.io" | "registry-1.docker.io" => "docker.io",
+            other => other,
+        };
+        self.upstreams
+            .iter()
+            .find(|u| u.name == ns || u.aliases.iter().any(|a| a == ns))
+    }
+}
+
+/// Collects every validation error while building a [`Config`].
+#[derive(Default)]
+struct Validator {
+    errors: Vec<String>,
+}
+
+impl Validator {
+    fn err(&mut self, msg: impl Into<String>) {
+        self.errors.push(msg.into());
+    }
+
+    fn duration(&mut self, field: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value.map(parse_duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.err(format!("{field}: {e}"));
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, field: &str, value: Option<&str>) -> Option<u64> {
+        match value.map(parse_size) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                self.err(format!("{field}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn addrs(&mut self, field: &str, values: &[String]) -> Vec<SocketAddr> {
+        values
+            .iter()
+            .filter_map(|v| match v.parse() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.err(format!(
+                        "{field}: {v:?} is not an address like 0.0.0.0:5000"
+                    ));
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn actions(&mut self, field: &str, names: &[String]) -> Actions {
+        match Actions::from_names(names.iter().map(String::as_str)) {
+            Ok(a) => a,
+            Err(e) => {
+                self.err(format!("{field}: {e}"));
+                Actions::NONE
+            }
+        }
+    }
+
+    fn config(mut self, raw: raw::RawConfig) -> Result<Config, ConfigErrors> {
+        let server = self.server(raw.server);
+        let storage = self.storage(raw.storage);
+        let upstreams: Vec<UpstreamConfig> = raw
+            .upstream
+            .into_iter()
+            .enumerate()
+            .map(|(i, u)| self.upstream(i, u))
+            .collect();
+        self.check_upstream_names(&upstreams);
+        let auth = self.auth(raw.auth, &upstreams);
+        let access: Vec<AccessRule> = raw
+            .access
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| self.access_rule(i, a))
+            .collect();
+        let policy = match Policy::new(access.clone()) {
+            Ok(p) => p,
+            Err(errors) => {
+                self.errors.extend(errors.iter().map(ToString::to_string));
+                Policy::default_deny()
+            }
+        };
+        let mirrors = raw
+            .mirror
+            .into_iter()
+            .map(|m| self.mirror(m, &upstreams))
+            .collect();
+        if self.errors.is_empty() {
+            Ok(Config {
+                server,
+                storage,
+                upstreams,
+                auth,
+                access,
+                policy,
+                mirrors,
+            })
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+
+    fn server(&mut self, raw: raw::RawServer) -> ServerConfig {
+        let listen = self.addrs("server.listen", &raw.listen);
+        let public_url = raw.public_url.trim_end_matches('/').to_owned();
+        if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
+            self.err(format!(
+                "server.public_url: {:?} must start with http:// or https://",
+                raw.public_url
+            ));
+        }
+        let tls = raw.tls.map(|t| TlsConfig {
+            listen: self.addrs("server.tls.listen", &t.listen),
+            cert: t.cert,
+            key: t.key,
+            http3: t.http3,
+        });
+        if listen.is_empty() && tls.as_ref().is_none_or(|t| t.listen.is_empty()) {
+            self.err("server: no listen address (server.listen or server.tls.listen)");
+        }
+        let max_header_bytes = self
+            .size("server.max_header_bytes", raw.max_header_bytes.as_deref())
+            .unwrap_or(64 << 10);
+        if max_header_bytes < 8192 {
+            self.err("server.max_header_bytes: must be at least 8KiB");
+        }
+        ServerConfig {
+            listen,
+            public_url,
+            tls,
+            header_timeout: self.duration(
+                "server.header_timeout",
+                raw.header_timeout.as_deref(),
+                Duration::from_secs(30),
+            ),
+            body_idle_timeout: self.duration(
+                "server.body_idle_timeout",
+                raw.body_idle_timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
+            max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+            shutdown_grace: self.duration(
+                "server.shutdown_grace",
+                raw.shutdown_grace.as_deref(),
+                Duration::from_secs(30),
+            ),
+        }
+    }
+
+    fn storage(&mut self, raw: raw::RawStorage) -> StorageConfig {
+        let db_cache = self
+            .size("storage.db_cache", raw.db_cache.as_deref())
+            .unwrap_or(32 << 20);
+        StorageConfig {
+            path: raw.path,
+            max_size: self.size("storage.max_size", raw.max_size.as_deref()),
+            gc_grace: self.duration(
+                "storage.gc_grace",
+                raw.gc_grace.as_deref(),
+                Duration::from_secs(3600),
+            ),
+            upload_timeout: self.duration(
+                "storage.upload_timeout",
+                raw.upload_timeout.as_deref(),
+                Duration::from_secs(24 * 3600),
+            ),
+            db_cache: usize::try_from(db_cache).unwrap_or(usize::MAX),
+        }
+    }
+
+    fn upstream(&mut self, i: usize, raw: raw::RawUpstream) -> UpstreamConfig {
+        let field = format!("upstream[{i}] ({})", raw.name);
+        // The name is used as a repository path component (path-prefix routing), so it
+        // must satisfy the name grammar: a host without a port.
+        if raw.name.contains('/') || raw.name.parse::<RepoName>().is_err() {
+            self.err(format!(
+                "{field}: name must be a registry host usable as a repository path \
+                 component (lowercase, no port, no '/'); put host:port forms in aliases"
+            ));
+        }
+        if !(raw.url.starts_with("https://") || raw.url.starts_with("http://")) {
+            self.err(format!("{field}.url: must start with https:// or http://"));
+        }
+        UpstreamConfig {
+            tag_ttl: self.duration(
+                &format!("{field}.tag_ttl"),
+                raw.tag_ttl.as_deref(),
+                Duration::from_secs(600),
+            ),
+            name: raw.name,
+            url: raw.url.trim_end_matches('/').to_owned(),
+            aliases: raw.aliases,
+            username: raw.username,
+            password_file: raw.password_file,
+            ca: raw.ca,
+        }
+    }
+
+    fn check_upstream_names(&mut self, upstreams: &[UpstreamConfig]) {
+        let mut seen = BTreeMap::new();
+        for (i, u) in upstreams.iter().enumerate() {
+            for ns in std::iter::once(&u.name).chain(&u.aliases) {
+                if let Some(first) = seen.insert(ns.clone(), i) {
+                    self.err(format!(
+                        "upstream[{i}]: {ns:?} is already the name or alias of upstream[{first}]"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn auth(&mut self, raw: raw::RawAuth, upstreams: &[UpstreamConfig]) -> AuthConfig {
+        if let Some(central) = &raw.central
+            && !upstreams.iter().any(|u| &u.name == central)
+        {
+            self.err(format!("auth.central: no upstream is named {central:?}"));
+        }
+        AuthConfig {
+            issuer_keys: raw.issuer_keys,
+            offline_grace: self.duration(
+                "auth.offline_grace",
+                raw.offline_grace.as_deref(),
+                Duration::from_secs(7 * 86400),
+            ),
+            token_ttl: self.duration(
+                "auth.token_ttl",
+                raw.token_ttl.as_deref(),
+                Duration::from_secs(300),
+            ),
+            central: raw.central,
+            revocation_file: raw.revocation_file,
+            token_secret_file: raw.token_secret_file,
+            service: raw.service.unwrap_or_else(|| "outpost".to_owned()),
+        }
+    }
+
+    fn access_rule(&mut self, i: usize, raw: raw::RawAccess) -> AccessRule {
+        let field = format!("access[{i}]");
+        let anonymous = self.actions(&format!("{field}.anonymous"), &raw.anonymous);
+        let authenticated = self.actions(&format!("{field}.authenticated"), &raw.authenticated);
+        let users = raw
+            .users
+            .into_iter()
+            .map(|(user, acts)| {
+                let a = self.actions(&format!("{field}.users.{user}"), &acts);
+                (user, a)
+            })
+            .collect();
+        AccessRule {
+            repositories: raw.repositories,
+            anonymous,
+            authenticated,
+            users,
+            immutable_tags: raw.immutable_tags,
+        }
+    }
+
+    fn mirror(&mut self, raw: raw::RawMirror, upstreams: &[UpstreamConfig]) -> MirrorConfig {
+        let field = format!("mirror {:?}", raw.name);
+        if !upstreams.iter().any(|u| u.name == raw.upstream) {
+            self.err(format!("{field}: no upstream is named {:?}", raw.upstream));
+        }
+        if raw.repositories.is_empty() {
+            self.err(format!("{field}: repositories is empty"));
+        }
+        MirrorConfig {
+            bandwidth: self.size(
+                &format!("{field}.bandwidth"),
+                raw.bandwidth.as_deref().map(|b| b.trim_end_matches("/s")),
+            ),
+            name: raw.name,
+            upstream: raw.upstream,
+            repositories: raw.repositories,
+            tags: raw.tags,
+            tag_regex: raw.tag_regex,
+            semver: raw.semver,
+            keep_newest: raw.keep_newest,
+            platforms: raw.platforms,
+            referrers: raw.referrers,
+            schedule: raw.schedule,
+            concurrency: raw.concurrency.unwrap_or(4).max(1),
+            prune: raw.prune,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::embedded_default().expect("default config must validate");
+        assert_eq!(c.upstreams.len(), 3);
+        assert_eq!(
+            c.upstream_by_ns("index.docker.io").map(|u| u.name.as_str()),
+            Some("docker.io")
+        );
+        assert!(c.upstream_by_ns("example.com").is_none());
+    }
+
+    #[test]
+    fn product_example_is_valid() {
+        let text = r#"
+[server]
+listen = ["0.0.0.0:5000"]
+public_url = "http://outpost.site:5000"
+[storage]
+path = "/var/lib/outpost"
+max_size = "50GiB"
+[[upstream]]
+name = "docker.io"
+url = "https://registry-1.docker.io"
+tag_ttl = "10m"
+[[upstream]]
+name = "central.corp"
+url = "https://central.corp:5000"
+aliases = ["central.corp:5000"]
+[auth]
+issuer_keys = ["/etc/outpost/issuer.pub"]
+central = "central.corp"
+offline_grace = "7d"
+[[access]]
+repositories = ["docker.io/**"]
+anonymous = ["pull"]
+[[access]]
+repositories = ["central.corp/team/**"]
+authenticated = ["pull"]
+users = { "alice" = ["pull"] }
+immutable_tags = ["v*"]
+[[mirror]]
+name = "apps"
+upstream = "central.corp"
+repositories = ["team/app", "team/worker"]
+tags = ["v*"]
+bandwidth = "10MiB/s"
+"#;
+        let c = Config::from_toml(text).expect("valid");
+        assert_eq!(c.storage.max_size, Some(50 << 30));
+        assert_eq!(
+            c.upstream_by_ns("central.corp:5000")
+                .map(|u| u.name.as_str()),
+            Some("central.corp")
+        );
+        assert_eq!(c.mirrors[0].bandwidth, Some(10 << 20));
+    }
+
+    #[test]
+    fn reports_every_error_at_once() {
+        let text = r#"
+[server]
+listen = ["nowhere"]
+public_url = "ftp://x"
+[storage]
+path = "/tmp/x"
+max_size = "lots"
+[[upstream]]
+name = "central.corp:5000"
+url = "central"
+[auth]
+issuer_keys = []
+central = "missing"
+[[access]]
+repositories = ["**"]
+anonymous = ["push"]
+"#;
+        let errors = Config::from_toml(text).expect_err("invalid").0;
+        let joined = errors.join("\n");
+        for needle in [
+            "server.listen",
+            "public_url",
+            "max_size",
+            "upstream[0]",
+            "url",
+            "auth.central",
+            "push",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let text = "[server]\nlisten=[\"127.0.0.1:0\"]\npublic_url=\"http://x\"\nlisen=1\n[storage]\npath=\"x\"\n";
+        let e = Config::from_toml(text).expect_err("unknown key");
+        assert!(e.to_string().contains("lisen"), "{e}");
+    }
+}

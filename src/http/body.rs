@@ -1,0 +1,127 @@
+//! Request and response bodies: bounded, idle-timed request streams, and blob files
+//! streamed from disk in large chunks.
+
+use std::io::{self, Read, Seek, SeekFrom};
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+
+/// The response body type of every handler.
+pub type Body = BoxBody<Bytes, io::Error>;
+
+/// A request body as a stream of chunks, ready for the store.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
+
+/// Blob files are read in chunks of this size: large enough to amortise the blocking
+/// pool round trip, small enough to keep memory per stream modest.
+const FILE_CHUNK: usize = 256 * 1024;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// Streams `incoming`, failing if the client stalls longer than `idle` between chunks or
+/// sends more than `limit` bytes.
+pub fn request_stream(incoming: Incoming, idle: Duration, limit: Option<u64>) -> ByteStream {
+    let state = (incoming, 0u64);
+    Box::pin(futures_util::stream::unfold(
+        Some(state),
+        move |state| async move {
+            let (mut body, mut seen) = state?;
+            loop {
+                let frame = match tokio::time::timeout(idle, body.frame()).await {
+                    Err(_) => {
+                        let e = io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "client stalled while sending the body",
+                        );
+                        return Some((Err(e), None));
+                    }
+                    Ok(None) => return None,
+                    Ok(Some(Err(e))) => return Some((Err(io::Error::other(e)), None)),
+                    Ok(Some(Ok(frame))) => frame,
+                };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                seen += data.len() as u64;
+                if limit.is_some_and(|l| seen > l) {
+                    let e =
+                        io::Error::new(io::ErrorKind::FileTooLarge, "request body is too large");
+                    return Some((Err(e), None));
+                }
+                return Some((Ok(data), Some((body, seen))));
+            }
+        },
+    ))
+}
+
+/// Reads a whole request body of at most `limit` bytes. `Ok(None)` if it is larger.
+pub async fn read_limited(
+    incoming: Incoming,
+    idle: Duration,
+    limit: usize,
+) -> io::Result<Option<Bytes>> {
+    let mut stream = request_stream(incoming, idle, Some(limit as u64));
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => buf.extend_from_slice(&c),
+            Err(e) if e.kind() == io::ErrorKind::FileTooLarge => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(buf.into()))
+}
+
+/// Streams `len` bytes of `file` starting at `offset`, reading on the blocking pool.
+pub fn file_body(file: std::fs::File, offset: u64, len: u64) -> Body {
+    let stream =
+        futures_util::stream::unfold(Some((file, offset, len, true)), |state| async move {
+            let (file, offset, remaining, first) = state?;
+            if remaining == 0 {
+                return None;
+            }
+            let want = usize::try_from(remaining.min(FILE_CHUNK as u64)).unwrap_or(FILE_CHUNK);
+            let result = tokio::task::spawn_blocking(move || {
+                let mut file = file;
+                if first {
+                    file.seek(SeekFrom::Start(offset))?;
+                }
+                let mut buf = vec![0u8; want];
+                let mut filled = 0;
+                while filled < want {
+                    let n = file.read(&mut buf[filled..])?;
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "blob file is shorter than recorded",
+                        ));
+                    }
+                    filled += n;
+                }
+                Ok((file, Bytes::from(buf)))
+            })
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("read task failed")));
+            match result {
+                Ok((file, bytes)) => {
+                    let left = remaining - bytes.len() as u64;
+                    Some((Ok(Frame::data(bytes)), Some((file, offset, left, false))))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+    BodyExt::boxed(StreamBody::new(stream))
+}

@@ -1,0 +1,232 @@
+//! The one mapping from domain errors to OCI error JSON and HTTP status codes.
+//!
+//! Conversions here never log; the request boundary logs once. Messages never contain
+//! credentials: auth errors carry only their kind.
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use super::route::RouteError;
+use crate::auth::AuthError;
+use crate::oci::manifest::ManifestError;
+use crate::oci::{ErrorCode, NameError};
+use crate::storage::{PutManifestError, StorageError, UploadError};
+
+/// An error response: status, OCI code, message, and extra headers.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
+    pub detail: Option<serde_json::Value>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            detail: None,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub fn with_detail(mut self, detail: serde_json::Value) -> ApiError {
+        self.detail = Some(detail);
+        self
+    }
+
+    /// The JSON body `{"errors":[{"code","message","detail"}]}`.
+    pub fn body(&self) -> Bytes {
+        let mut err = serde_json::json!({"code": self.code.as_str(), "message": self.message});
+        if let Some(d) = &self.detail {
+            err["detail"] = d.clone();
+        }
+        Bytes::from(serde_json::json!({ "errors": [err] }).to_string())
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unavailable,
+            message,
+        )
+    }
+
+    pub fn blob_unknown() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::BlobUnknown,
+            "blob unknown to registry",
+        )
+    }
+
+    pub fn manifest_unknown() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            "manifest unknown",
+        )
+    }
+
+    pub fn upload_unknown() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::BlobUploadUnknown,
+            "blob upload unknown to registry",
+        )
+    }
+
+    pub fn name_unknown() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            "repository name not known to registry",
+        )
+    }
+
+    pub fn denied(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, message)
+    }
+
+    pub fn too_large(what: &str, limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::SizeInvalid,
+            format!("{what} is larger than the limit of {limit} bytes"),
+        )
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> ApiError {
+        match e {
+            RouteError::NotFound => ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::Unsupported,
+                "no such endpoint",
+            ),
+            RouteError::MethodNotAllowed => ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::Unsupported,
+                "method not allowed here",
+            ),
+            RouteError::Name(NameError::BadTag) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::ManifestInvalid,
+                "invalid tag",
+            ),
+            RouteError::Name(n) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::NameInvalid,
+                n.to_string(),
+            ),
+            RouteError::Digest(d) => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, d)
+            }
+            RouteError::BadQuery(m) => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, m)
+            }
+        }
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> ApiError {
+        if e.is_disk_full() {
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::Unavailable,
+                "storage is full",
+            )
+        } else {
+            ApiError::internal(e.to_string())
+        }
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> ApiError {
+        match e {
+            UploadError::Unknown => ApiError::upload_unknown(),
+            UploadError::OutOfOrder { offset } => {
+                let range = if offset == 0 {
+                    "0-0".to_owned()
+                } else {
+                    format!("0-{}", offset - 1)
+                };
+                let err = ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    ErrorCode::BlobUploadInvalid,
+                    format!("chunk must start at offset {offset}"),
+                );
+                match HeaderValue::from_str(&range) {
+                    Ok(v) => err.with_header(http::header::RANGE, v),
+                    Err(_) => err,
+                }
+            }
+            UploadError::Busy => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::BlobUploadInvalid,
+                "another request is writing to this upload",
+            ),
+            UploadError::DigestMismatch => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::DigestInvalid,
+                "provided digest did not match uploaded content",
+            ),
+            UploadError::Body(e) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BlobUploadInvalid,
+                format!("request body was not received: {e}"),
+            ),
+            UploadError::Storage(s) => s.into(),
+        }
+    }
+}
+
+impl From<PutManifestError> for ApiError {
+    fn from(e: PutManifestError) -> ApiError {
+        match e {
+            PutManifestError::BlobUnknown(d) | PutManifestError::ManifestUnknown(d) => {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::ManifestBlobUnknown,
+                    format!("manifest references {d}, which is not in this repository"),
+                )
+                .with_detail(serde_json::json!({ "digest": d.to_string() }))
+            }
+            PutManifestError::Immutable(rule) => ApiError::denied(format!(
+                "tag is immutable under {rule}; it already points to another manifest"
+            )),
+            PutManifestError::Storage(s) => s.into(),
+        }
+    }
+}
+
+impl From<ManifestError> for ApiError {
+    fn from(e: ManifestError) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::ManifestInvalid,
+            e.to_string(),
+        )
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            e.to_string(),
+        )
+    }
+}

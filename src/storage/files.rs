@@ -1,0 +1,142 @@
+//! Blob files on disk: the content-addressed layout, temp and upload files, and the
+//! crash-safe commit (write → fsync → rename → fsync directory).
+//!
+//! Invariant: a file under `blobs/` is always complete and verified, because nothing is
+//! ever written there except by an atomic rename of an fsynced, digest-checked file.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::oci::Digest;
+
+/// Paths under the storage root.
+#[derive(Debug)]
+pub struct BlobFiles {
+    blobs: PathBuf,
+    tmp: PathBuf,
+    uploads: PathBuf,
+}
+
+impl BlobFiles {
+    /// Creates the directory layout and sweeps temp files a crash left behind.
+    pub fn open(root: &Path) -> io::Result<BlobFiles> {
+        let files = BlobFiles {
+            blobs: root.join("blobs"),
+            tmp: root.join("tmp"),
+            uploads: root.join("uploads"),
+        };
+        for dir in [&files.blobs, &files.tmp, &files.uploads] {
+            fs::create_dir_all(dir)?;
+        }
+        for entry in fs::read_dir(&files.tmp)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(files)
+    }
+
+    /// `blobs/<algorithm>/<first two hex>/<hex>`.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.blobs
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    pub fn upload_path(&self, id: &str) -> PathBuf {
+        self.uploads.join(id)
+    }
+
+    pub fn uploads_dir(&self) -> &Path {
+        &self.uploads
+    }
+
+    /// A fresh, unique temp file path on the same filesystem as the blobs.
+    pub fn temp_path(&self) -> PathBuf {
+        self.tmp.join(random_id())
+    }
+
+    /// Moves the fully written, verified file at `from` into its content-addressed place.
+    /// If the blob already exists the new copy is dropped: content addressing makes them
+    /// equal, and the existing file is never touched.
+    pub fn commit(&self, from: &Path, digest: &Digest) -> io::Result<()> {
+        File::open(from)?.sync_all()?;
+        let dest = self.blob_path(digest);
+        if dest.exists() {
+            fs::remove_file(from)?;
+            return Ok(());
+        }
+        let dir = dest
+            .parent()
+            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
+        if !dir.exists() {
+            fs::create_dir_all(dir)?;
+            if let Some(up) = dir.parent() {
+                sync_dir(up)?;
+            }
+        }
+        fs::rename(from, &dest)?;
+        sync_dir(dir)
+    }
+
+    pub fn remove_blob(&self, digest: &Digest) -> io::Result<()> {
+        match fs::remove_file(self.blob_path(digest)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Every blob file on disk, as (digest, path). Files with names that are not digests
+    /// are skipped (and reported by fsck through the second list).
+    pub fn list_blobs(&self) -> io::Result<(Vec<(Digest, PathBuf)>, Vec<PathBuf>)> {
+        let mut found = Vec::new();
+        let mut strays = Vec::new();
+        if !self.blobs.exists() {
+            return Ok((found, strays));
+        }
+        for algo in fs::read_dir(&self.blobs)? {
+            let algo = algo?;
+            for prefix in fs::read_dir(algo.path())? {
+                let prefix = prefix?;
+                for file in fs::read_dir(prefix.path())? {
+                    let file = file?;
+                    let name = format!(
+                        "{}:{}",
+                        algo.file_name().to_string_lossy(),
+                        file.file_name().to_string_lossy()
+                    );
+                    match name.parse::<Digest>() {
+                        Ok(d) if self.blob_path(&d) == file.path() => found.push((d, file.path())),
+                        _ => strays.push(file.path()),
+                    }
+                }
+            }
+        }
+        Ok((found, strays))
+    }
+}
+
+/// fsync a directory so a rename or create inside it survives power loss.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// 128 random bits as hex: upload ids and temp names. Unguessable, so an upload id is
+/// also a capability that cannot be enumerated.
+pub fn random_id() -> String {
+    let mut buf = [0u8; 16];
+    // getrandom only fails when the OS has no entropy source at all; fall back to time
+    // and address entropy rather than panic (ids stay unique, if not unguessable).
+    if getrandom::fill(&mut buf).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        buf = t.to_le_bytes();
+    }
+    hex::encode(buf)
+}

@@ -1,0 +1,694 @@
+//! The content store: verified blob files plus the redb metadata that says which
+//! repository may serve what (tags, manifests, repository → blob links, upload sessions,
+//! referrers, revoked keys).
+//!
+//! Owns durability. Blob bytes are committed before the metadata that points at them, so
+//! a crash at any point leaves either nothing or a whole, verified blob; metadata never
+//! names a missing file. All redb work runs on the blocking pool, never on the executor.
+//! This module knows nothing of HTTP.
+
+mod files;
+mod maintenance;
+mod schema;
+mod uploads;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+use crate::oci::manifest::Manifest;
+use crate::oci::{Digest, Hasher, Reference, RepoName, Tag};
+use files::BlobFiles;
+use schema::*;
+
+pub use maintenance::{FsckReport, GcReport};
+pub use schema::{LinkOrigin, ReferrerRecord};
+pub use uploads::UploadError;
+
+/// A failure of the store itself (disk, database); always the server's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("metadata database error: {0}")]
+    Db(#[from] redb::Error),
+    #[error("metadata is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the metadata database is in use by another process (is the daemon running?)")]
+    Locked,
+    #[error("storage task failed")]
+    Task,
+}
+
+impl StorageError {
+    /// Whether this failure is the disk being full (the client may retry later).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StorageError::Io(e) if e.kind() == io::ErrorKind::StorageFull)
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> StorageError {
+                StorageError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl From<DecodeError> for StorageError {
+    fn from(e: DecodeError) -> StorageError {
+        StorageError::Corrupt(e.to_string())
+    }
+}
+
+impl From<redb::DatabaseError> for StorageError {
+    fn from(e: redb::DatabaseError) -> StorageError {
+        match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StorageError::Locked,
+            other => StorageError::Db(other.into()),
+        }
+    }
+}
+
+/// Why a manifest could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum PutManifestError {
+    #[error("manifest references blob {0} which is not in the repository")]
+    BlobUnknown(Digest),
+    #[error("index references manifest {0} which is not in the repository")]
+    ManifestUnknown(Digest),
+    #[error("tag is immutable ({0}) and already points to another manifest")]
+    Immutable(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// A manifest as served: exact bytes, digest and media type.
+#[derive(Clone, Debug)]
+pub struct StoredManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub body: Bytes,
+}
+
+/// An open blob file for serving.
+#[derive(Debug)]
+pub struct BlobHandle {
+    pub file: std::fs::File,
+    pub size: u64,
+}
+
+/// Everything needed to store one manifest.
+pub struct PutManifest {
+    pub repo: RepoName,
+    pub tag: Option<Tag>,
+    pub digest: Digest,
+    pub body: Bytes,
+    pub manifest: Manifest,
+    /// When set, the tag may only be (re)written with the digest it already has.
+    pub immutable_rule: Option<String>,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    files: BlobFiles,
+    /// Running hash state of upload sessions, by id, with the offset it covers. Lost on
+    /// restart, in which case the upload file is re-hashed when it completes.
+    hashers: Mutex<HashMap<String, (Hasher, u64)>>,
+    /// Upload ids with a request in progress; a second concurrent request is refused.
+    busy: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Held shared while a blob file is committed and linked, exclusively while garbage
+    /// collection deletes files, so gc never removes a blob that a commit just reused.
+    commit_lock: RwLock<()>,
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+impl Store {
+    /// Opens (creating if needed) the store rooted at `root`. Blocking; call at start-up.
+    pub fn open(root: &Path, db_cache: usize) -> Result<Store, StorageError> {
+        std::fs::create_dir_all(root)?;
+        let files = BlobFiles::open(root)?;
+        let db = Database::builder()
+            .set_cache_size(db_cache)
+            .create(root.join("outpost.redb"))?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let version = meta.get("schema_version")?.map(|v| v.value());
+            match version {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(other) => {
+                    return Err(StorageError::Corrupt(format!(
+                        "database schema version {other} is not supported (expected {SCHEMA_VERSION})"
+                    )));
+                }
+            }
+            // Create every table so read transactions never meet a missing one.
+            txn.open_table(BLOBS)?;
+            txn.open_table(REPO_BLOBS)?;
+            txn.open_table(MANIFESTS)?;
+            txn.open_table(REPO_MANIFESTS)?;
+            txn.open_table(TAGS)?;
+            txn.open_table(REFERRERS)?;
+            txn.open_table(REPOS)?;
+            txn.open_table(UPLOADS)?;
+            txn.open_table(REVOKED_KEYS)?;
+        }
+        txn.commit()?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                files,
+                hashers: Mutex::new(HashMap::new()),
+                busy: Arc::default(),
+                commit_lock: RwLock::new(()),
+            }),
+        })
+    }
+
+    /// Runs blocking store work off the async executor.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StorageError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|_| StorageError::Task)?
+    }
+
+    /// Size of `digest` if repository `repo` may serve it.
+    pub async fn blob_size(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StorageError> {
+        let (repo, digest) = (repo.clone(), digest.clone());
+        self.blocking(move |i| i.linked_blob(&repo, &digest)).await
+    }
+
+    /// Opens `digest` for reading if repository `repo` may serve it.
+    pub async fn open_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<BlobHandle>, StorageError> {
+        let (repo, digest) = (repo.clone(), digest.clone());
+        self.blocking(move |i| {
+            let Some(size) = i.linked_blob(&repo, &digest)? else {
+                return Ok(None);
+            };
+            match std::fs::File::open(i.files.blob_path(&digest)) {
+                Ok(file) => Ok(Some(BlobHandle { file, size })),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::Corrupt(
+                    format!("blob {digest} is recorded but its file is missing"),
+                )),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    /// Links an existing blob into `repo` (cross-repository mount). The caller has checked
+    /// read access to the source; this checks that the source really holds the blob.
+    pub async fn mount_blob(
+        &self,
+        from: &RepoName,
+        to: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, StorageError> {
+        let (from, to, digest) = (from.clone(), to.clone(), digest.clone());
+        self.blocking(move |i| {
+            if i.linked_blob(&from, &digest)?.is_none() {
+                return Ok(false);
+            }
+            let _guard = i.commit_lock.read().map_err(|_| StorageError::Task)?;
+            i.link(&to, &digest, None, LinkOrigin::Upload, None)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Removes `repo`'s link to a blob. Returns whether there was one.
+    pub async fn unlink_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, StorageError> {
+        let (repo, digest) = (repo.clone(), digest.clone());
+        self.blocking(move |i| {
+            let txn = i.db.begin_write()?;
+            let removed = txn
+                .open_table(REPO_BLOBS)?
+                .remove((repo.as_str(), digest.as_str()))?
+                .is_some();
+            txn.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// The manifest `reference` names in `repo`.
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>, StorageError> {
+        let (repo, reference) = (repo.clone(), reference.clone());
+        self.blocking(move |i| i.get_manifest(&repo, &reference))
+            .await
+    }
+
+    /// Stores a validated manifest, checking in the same transaction that every blob and
+    /// child manifest it references is in the repository.
+    pub async fn put_manifest(&self, put: PutManifest) -> Result<(), PutManifestError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.put_manifest(put))
+            .await
+            .map_err(|_| StorageError::Task)?
+    }
+
+    /// Removes a manifest from `repo`, with the tags pointing at it and its referrer entry.
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, StorageError> {
+        let (repo, digest) = (repo.clone(), digest.clone());
+        self.blocking(move |i| i.delete_manifest(&repo, &digest))
+            .await
+    }
+
+    /// The digest `tag` points to in `repo`.
+    pub async fn tag_digest(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<Digest>, StorageError> {
+        let (repo, tag) = (repo.clone(), tag.clone());
+        self.blocking(move |i| {
+            let txn = i.db.begin_read()?;
+            let tags = txn.open_table(TAGS)?;
+            let Some(v) = tags.get((repo.as_str(), tag.as_str()))? else {
+                return Ok(None);
+            };
+            let rec = TagRecord::decode(v.value())?;
+            Ok(Some(rec.digest.parse().map_err(|_| DecodeError("tag"))?))
+        })
+        .await
+    }
+
+    /// Removes a tag (not the manifest). Returns whether it existed.
+    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, StorageError> {
+        let (repo, tag) = (repo.clone(), tag.clone());
+        self.blocking(move |i| {
+            let txn = i.db.begin_write()?;
+            let removed = txn
+                .open_table(TAGS)?
+                .remove((repo.as_str(), tag.as_str()))?
+                .is_some();
+            txn.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// All tags of `repo` in lexical order, or `None` if the repository is unknown.
+    pub async fn tags(&self, repo: &RepoName) -> Result<Option<Vec<String>>, StorageError> {
+        let repo = repo.clone();
+        self.blocking(move |i| {
+            let txn = i.db.begin_read()?;
+            if txn.open_table(REPOS)?.get(repo.as_str())?.is_none() {
+                return Ok(None);
+            }
+            let tags = txn.open_table(TAGS)?;
+            let mut out = Vec::new();
+            for entry in tags.range((repo.as_str(), "")..)? {
+                let (k, _) = entry?;
+                let (r, t) = k.value();
+                if r != repo.as_str() {
+                    break;
+                }
+                out.push(t.to_owned());
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+
+    /// Manifests in `repo` whose subject is `subject`.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Vec<ReferrerRecord>, StorageError> {
+        let (repo, subject) = (repo.clone(), subject.clone());
+        self.blocking(move |i| {
+            let txn = i.db.begin_read()?;
+            let table = txn.open_table(REFERRERS)?;
+            let mut out = Vec::new();
+            for entry in table.range((repo.as_str(), subject.as_str(), "")..)? {
+                let (k, v) = entry?;
+                let (r, s, _) = k.value();
+                if r != repo.as_str() || s != subject.as_str() {
+                    break;
+                }
+                out.push(ReferrerRecord::decode(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Every repository that holds anything, in lexical order.
+    pub async fn repositories(&self) -> Result<Vec<String>, StorageError> {
+        self.blocking(|i| {
+            let txn = i.db.begin_read()?;
+            let mut out = Vec::new();
+            for entry in txn.open_table(REPOS)?.iter()? {
+                out.push(entry?.0.value().to_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Whether `repo` holds anything.
+    pub async fn repo_exists(&self, repo: &RepoName) -> Result<bool, StorageError> {
+        let repo = repo.clone();
+        self.blocking(move |i| {
+            Ok(i.db
+                .begin_read()?
+                .open_table(REPOS)?
+                .get(repo.as_str())?
+                .is_some())
+        })
+        .await
+    }
+
+    /// Durably records a revoked API key id. Returns whether it was new.
+    pub async fn revoke_key(&self, id: &str) -> Result<bool, StorageError> {
+        let id = id.to_owned();
+        self.blocking(move |i| {
+            let txn = i.db.begin_write()?;
+            let new = txn
+                .open_table(REVOKED_KEYS)?
+                .insert(id.as_str(), now_secs())?
+                .is_none();
+            txn.commit()?;
+            Ok(new)
+        })
+        .await
+    }
+
+    /// Every revoked key id.
+    pub fn revoked_keys(&self) -> Result<Vec<String>, StorageError> {
+        let txn = self.inner.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in txn.open_table(REVOKED_KEYS)?.iter()? {
+            out.push(entry?.0.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Collects unreferenced blobs and manifests, and abandoned uploads. Blocking.
+    pub fn gc(
+        &self,
+        grace: std::time::Duration,
+        upload_timeout: std::time::Duration,
+    ) -> Result<GcReport, StorageError> {
+        maintenance::gc(&self.inner, grace, upload_timeout)
+    }
+
+    /// Verifies every blob's digest and every reference. Blocking.
+    pub fn fsck(&self, repair: bool) -> Result<FsckReport, StorageError> {
+        maintenance::fsck(&self.inner, repair)
+    }
+}
+
+impl Inner {
+    fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        let txn = self.db.begin_read()?;
+        if txn
+            .open_table(REPO_BLOBS)?
+            .get((repo.as_str(), digest.as_str()))?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        match txn.open_table(BLOBS)?.get(digest.as_str())? {
+            Some(v) => Ok(Some(BlobRecord::decode(v.value())?.size)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a committed blob file (if `size` is given) and links it into `repo`,
+    /// closing the upload session `upload` in the same transaction. The caller holds
+    /// `commit_lock` shared.
+    fn link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: Option<u64>,
+        origin: LinkOrigin,
+        upload: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let now = now_secs();
+        let txn = self.db.begin_write()?;
+        {
+            let mut blobs = txn.open_table(BLOBS)?;
+            if let Some(size) = size
+                && blobs.get(digest.as_str())?.is_none()
+            {
+                blobs.insert(
+                    digest.as_str(),
+                    BlobRecord { size, created: now }.encode().as_slice(),
+                )?;
+            }
+            txn.open_table(REPO_BLOBS)?.insert(
+                (repo.as_str(), digest.as_str()),
+                LinkRecord {
+                    origin,
+                    linked_at: now,
+                }
+                .encode()
+                .as_slice(),
+            )?;
+            let mut repos = txn.open_table(REPOS)?;
+            if repos.get(repo.as_str())?.is_none() {
+                repos.insert(repo.as_str(), now)?;
+            }
+            if let Some(id) = upload {
+                txn.open_table(UPLOADS)?.remove(id)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let digest = match reference {
+            Reference::Digest(d) => {
+                if txn
+                    .open_table(REPO_MANIFESTS)?
+                    .get((repo.as_str(), d.as_str()))?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+                d.clone()
+            }
+            Reference::Tag(t) => {
+                let tags = txn.open_table(TAGS)?;
+                let Some(v) = tags.get((repo.as_str(), t.as_str()))? else {
+                    return Ok(None);
+                };
+                TagRecord::decode(v.value())?
+                    .digest
+                    .parse()
+                    .map_err(|_| DecodeError("tag"))?
+            }
+        };
+        let manifests = txn.open_table(MANIFESTS)?;
+        let Some(v) = manifests.get(digest.as_str())? else {
+            return Err(StorageError::Corrupt(format!(
+                "manifest {digest} is linked but missing"
+            )));
+        };
+        let rec = ManifestRecord::decode(v.value())?;
+        Ok(Some(StoredManifest {
+            media_type: rec.media_type.to_owned(),
+            body: Bytes::copy_from_slice(rec.body),
+            digest,
+        }))
+    }
+
+    fn put_manifest(&self, put: PutManifest) -> Result<(), PutManifestError> {
+        let repo = put.repo.as_str();
+        let now = now_secs();
+        let txn = self.db.begin_write().map_err(StorageError::from)?;
+        {
+            let repo_blobs = txn.open_table(REPO_BLOBS).map_err(StorageError::from)?;
+            let blobs = txn.open_table(BLOBS).map_err(StorageError::from)?;
+            for d in put.manifest.required_blobs() {
+                let linked = repo_blobs
+                    .get((repo, d.digest.as_str()))
+                    .map_err(StorageError::from)?
+                    .is_some();
+                let present = blobs
+                    .get(d.digest.as_str())
+                    .map_err(StorageError::from)?
+                    .is_some();
+                if !(linked && present) {
+                    return Err(PutManifestError::BlobUnknown(d.digest.clone()));
+                }
+            }
+            let mut repo_manifests = txn.open_table(REPO_MANIFESTS).map_err(StorageError::from)?;
+            for child in &put.manifest.manifests {
+                if repo_manifests
+                    .get((repo, child.digest.as_str()))
+                    .map_err(StorageError::from)?
+                    .is_none()
+                {
+                    return Err(PutManifestError::ManifestUnknown(child.digest.clone()));
+                }
+            }
+            let mut tags = txn.open_table(TAGS).map_err(StorageError::from)?;
+            if let Some(tag) = &put.tag {
+                let existing = tags
+                    .get((repo, tag.as_str()))
+                    .map_err(StorageError::from)?
+                    .map(|v| TagRecord::decode(v.value()).map(|r| r.digest.to_owned()))
+                    .transpose()
+                    .map_err(StorageError::from)?;
+                if let (Some(rule), Some(existing)) = (&put.immutable_rule, existing)
+                    && existing != put.digest.as_str()
+                {
+                    return Err(PutManifestError::Immutable(rule.clone()));
+                }
+                tags.insert(
+                    (repo, tag.as_str()),
+                    TagRecord::encode(now, put.digest.as_str()).as_slice(),
+                )
+                .map_err(StorageError::from)?;
+            }
+            let mut manifests = txn.open_table(MANIFESTS).map_err(StorageError::from)?;
+            if manifests
+                .get(put.digest.as_str())
+                .map_err(StorageError::from)?
+                .is_none()
+            {
+                manifests
+                    .insert(
+                        put.digest.as_str(),
+                        ManifestRecord::encode(&put.manifest.media_type, &put.body).as_slice(),
+                    )
+                    .map_err(StorageError::from)?;
+            }
+            repo_manifests
+                .insert((repo, put.digest.as_str()), now)
+                .map_err(StorageError::from)?;
+            if let Some(subject) = &put.manifest.subject {
+                let rec = ReferrerRecord {
+                    media_type: put.manifest.media_type.clone(),
+                    digest: put.digest.to_string(),
+                    size: put.body.len() as u64,
+                    artifact_type: put.manifest.artifact_type.clone(),
+                    annotations: put.manifest.annotations.clone(),
+                };
+                txn.open_table(REFERRERS)
+                    .map_err(StorageError::from)?
+                    .insert(
+                        (repo, subject.digest.as_str(), put.digest.as_str()),
+                        rec.encode().as_slice(),
+                    )
+                    .map_err(StorageError::from)?;
+            }
+            let mut repos = txn.open_table(REPOS).map_err(StorageError::from)?;
+            if repos.get(repo).map_err(StorageError::from)?.is_none() {
+                repos.insert(repo, now).map_err(StorageError::from)?;
+            }
+        }
+        txn.commit().map_err(StorageError::from)?;
+        Ok(())
+    }
+
+    fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, StorageError> {
+        let r = repo.as_str();
+        let txn = self.db.begin_write()?;
+        {
+            if txn
+                .open_table(REPO_MANIFESTS)?
+                .remove((r, digest.as_str()))?
+                .is_none()
+            {
+                return Ok(false);
+            }
+            let mut tags = txn.open_table(TAGS)?;
+            let mut doomed = Vec::new();
+            for entry in tags.range((r, "")..)? {
+                let (k, v) = entry?;
+                let (kr, t) = k.value();
+                if kr != r {
+                    break;
+                }
+                if TagRecord::decode(v.value())?.digest == digest.as_str() {
+                    doomed.push(t.to_owned());
+                }
+            }
+            for t in doomed {
+                tags.remove((r, t.as_str()))?;
+            }
+            let subject = match txn.open_table(MANIFESTS)?.get(digest.as_str())? {
+                Some(v) => {
+                    let rec = ManifestRecord::decode(v.value())?;
+                    Manifest::parse(rec.body, Some(rec.media_type))
+                        .ok()
+                        .and_then(|m| m.subject)
+                        .map(|s| s.digest)
+                }
+                None => None,
+            };
+            if let Some(subject) = subject {
+                txn.open_table(REFERRERS)?
+                    .remove((r, subject.as_str(), digest.as_str()))?;
+            }
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+}

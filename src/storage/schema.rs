@@ -1,0 +1,270 @@
+//! Every redb table of the metadata database, its key and value encodings, and the schema
+//! version. Nothing else in the crate names a table.
+//!
+//! Values are explicit little-endian byte layouts whose first byte is an encoding version,
+//! so a later release can read what an earlier one wrote.
+
+use redb::TableDefinition;
+
+/// Bumped whenever a table's meaning or encoding changes incompatibly.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// `"schema_version"` → version.
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// digest → [`BlobRecord`]: a verified blob file exists under this digest.
+pub const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+/// (repository, digest) → [`LinkRecord`]: the repository may serve this blob.
+pub const REPO_BLOBS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("repo_blobs");
+/// digest → [`ManifestRecord`]: manifest bodies, stored verbatim.
+pub const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
+/// (repository, manifest digest) → link time: the repository holds this manifest.
+pub const REPO_MANIFESTS: TableDefinition<(&str, &str), u64> =
+    TableDefinition::new("repo_manifests");
+/// (repository, tag) → [`TagRecord`].
+pub const TAGS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tags");
+/// (repository, subject digest, referrer digest) → [`ReferrerRecord`] JSON.
+pub const REFERRERS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("referrers");
+/// repository → creation time: every repository that holds anything.
+pub const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
+/// upload id → [`UploadRecord`].
+pub const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+/// revoked API key id → time of revocation.
+pub const REVOKED_KEYS: TableDefinition<&str, u64> = TableDefinition::new("revoked_keys");
+
+const V1: u8 = 1;
+
+/// Why a stored value could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("corrupt {0} record")]
+pub struct DecodeError(pub &'static str);
+
+fn u64_at(b: &[u8], at: usize, what: &'static str) -> Result<u64, DecodeError> {
+    b.get(at..at + 8)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_le_bytes)
+        .ok_or(DecodeError(what))
+}
+
+fn check_version(b: &[u8], what: &'static str) -> Result<(), DecodeError> {
+    if b.first() == Some(&V1) {
+        Ok(())
+    } else {
+        Err(DecodeError(what))
+    }
+}
+
+/// A verified blob file: `[v1][size u64][created u64]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobRecord {
+    pub size: u64,
+    pub created: u64,
+}
+
+impl BlobRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(17);
+        v.push(V1);
+        v.extend_from_slice(&self.size.to_le_bytes());
+        v.extend_from_slice(&self.created.to_le_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<BlobRecord, DecodeError> {
+        check_version(b, "blob")?;
+        Ok(BlobRecord {
+            size: u64_at(b, 1, "blob")?,
+            created: u64_at(b, 9, "blob")?,
+        })
+    }
+}
+
+/// Why a repository may serve a blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkOrigin {
+    /// Uploaded (or mounted) into this repository by a client.
+    Upload = 1,
+    /// Confirmed by the upstream for this repository.
+    Upstream = 2,
+}
+
+/// `[v1][origin u8][linked_at u64]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkRecord {
+    pub origin: LinkOrigin,
+    pub linked_at: u64,
+}
+
+impl LinkRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(10);
+        v.push(V1);
+        v.push(self.origin as u8);
+        v.extend_from_slice(&self.linked_at.to_le_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<LinkRecord, DecodeError> {
+        check_version(b, "link")?;
+        let origin = match b.get(1) {
+            Some(1) => LinkOrigin::Upload,
+            Some(2) => LinkOrigin::Upstream,
+            _ => return Err(DecodeError("link")),
+        };
+        Ok(LinkRecord {
+            origin,
+            linked_at: u64_at(b, 2, "link")?,
+        })
+    }
+}
+
+/// `[v1][media type length u16][media type][body]`.
+pub struct ManifestRecord<'a> {
+    pub media_type: &'a str,
+    pub body: &'a [u8],
+}
+
+impl<'a> ManifestRecord<'a> {
+    pub fn encode(media_type: &str, body: &[u8]) -> Vec<u8> {
+        let mt = media_type.as_bytes();
+        // Media types are short; the header caps them so the length always fits.
+        let len = u16::try_from(mt.len()).unwrap_or(u16::MAX);
+        let mut v = Vec::with_capacity(3 + mt.len() + body.len());
+        v.push(V1);
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&mt[..usize::from(len)]);
+        v.extend_from_slice(body);
+        v
+    }
+
+    pub fn decode(b: &'a [u8]) -> Result<ManifestRecord<'a>, DecodeError> {
+        check_version(b, "manifest")?;
+        let len = b
+            .get(1..3)
+            .map(|s| usize::from(u16::from_le_bytes([s[0], s[1]])))
+            .ok_or(DecodeError("manifest"))?;
+        let media_type = b
+            .get(3..3 + len)
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .ok_or(DecodeError("manifest"))?;
+        Ok(ManifestRecord {
+            media_type,
+            body: &b[3 + len..],
+        })
+    }
+}
+
+/// `[v1][updated u64][digest]`. The update time is kept for freshness decisions; readers
+/// that need only the digest skip it.
+pub struct TagRecord<'a> {
+    pub digest: &'a str,
+}
+
+impl<'a> TagRecord<'a> {
+    pub fn encode(updated: u64, digest: &str) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + digest.len());
+        v.push(V1);
+        v.extend_from_slice(&updated.to_le_bytes());
+        v.extend_from_slice(digest.as_bytes());
+        v
+    }
+
+    pub fn decode(b: &'a [u8]) -> Result<TagRecord<'a>, DecodeError> {
+        check_version(b, "tag")?;
+        u64_at(b, 1, "tag")?;
+        Ok(TagRecord {
+            digest: std::str::from_utf8(&b[9..]).map_err(|_| DecodeError("tag"))?,
+        })
+    }
+}
+
+/// An upload session: `[v1][started u64][repository]`. Its bytes live in a file named
+/// after the id; the offset is that file's length.
+pub struct UploadRecord<'a> {
+    pub started: u64,
+    pub repo: &'a str,
+}
+
+impl<'a> UploadRecord<'a> {
+    pub fn encode(started: u64, repo: &str) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + repo.len());
+        v.push(V1);
+        v.extend_from_slice(&started.to_le_bytes());
+        v.extend_from_slice(repo.as_bytes());
+        v
+    }
+
+    pub fn decode(b: &'a [u8]) -> Result<UploadRecord<'a>, DecodeError> {
+        check_version(b, "upload")?;
+        Ok(UploadRecord {
+            started: u64_at(b, 1, "upload")?,
+            repo: std::str::from_utf8(&b[9..]).map_err(|_| DecodeError("upload"))?,
+        })
+    }
+}
+
+/// The descriptor the referrers API returns, as stored: `[v1][JSON]`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferrerRecord {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl ReferrerRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![V1];
+        // Serializing a struct of strings and maps cannot fail.
+        v.extend(serde_json::to_vec(self).unwrap_or_default());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<ReferrerRecord, DecodeError> {
+        check_version(b, "referrer")?;
+        serde_json::from_slice(&b[1..]).map_err(|_| DecodeError("referrer"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let b = BlobRecord {
+            size: 7,
+            created: 9,
+        };
+        assert_eq!(BlobRecord::decode(&b.encode()).ok(), Some(b));
+        let l = LinkRecord {
+            origin: LinkOrigin::Upstream,
+            linked_at: 3,
+        };
+        assert_eq!(LinkRecord::decode(&l.encode()).ok(), Some(l));
+        let m = ManifestRecord::encode("application/x", b"{}");
+        let d = ManifestRecord::decode(&m).expect("valid");
+        assert_eq!((d.media_type, d.body), ("application/x", &b"{}"[..]));
+        let t = TagRecord::encode(5, "sha256:00");
+        assert_eq!(
+            TagRecord::decode(&t).map(|t| t.digest).ok(),
+            Some("sha256:00")
+        );
+        let u = UploadRecord::encode(8, "a/b");
+        assert_eq!(
+            UploadRecord::decode(&u).map(|u| (u.started, u.repo)).ok(),
+            Some((8, "a/b"))
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_versions_and_truncation() {
+        assert!(BlobRecord::decode(&[2, 0, 0]).is_err());
+        assert!(BlobRecord::decode(&[1, 0, 0]).is_err());
+        assert!(ManifestRecord::decode(&[1, 200, 0, b'x']).is_err());
+        assert!(TagRecord::decode(&[]).is_err());
+    }
+}
