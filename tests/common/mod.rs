@@ -1,0 +1,412 @@
+//! Test harness: runs the real `outpost` binary on 127.0.0.1:0 with a temp data dir,
+//! issues keys with the real CLI, builds OCI image layouts on disk, and drives skopeo.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outpost::oci::Digest;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+pub fn outpost_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_outpost")
+}
+
+pub fn outpost(args: &[&str]) -> Output {
+    Command::new(outpost_bin())
+        .args(args)
+        .output()
+        .expect("run outpost")
+}
+
+/// An issuer key pair in a temp dir.
+pub struct Issuer {
+    pub dir: PathBuf,
+}
+
+impl Issuer {
+    pub fn new(dir: &Path) -> Issuer {
+        let out = outpost(&["key", "generate", "--out-dir", dir.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "key generate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Issuer {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn public(&self) -> PathBuf {
+        self.dir.join("issuer.pub")
+    }
+
+    pub fn issue(&self, subject: &str, repos: &[&str], actions: &str, expires: &str) -> String {
+        let key = self.dir.join("issuer.key");
+        let mut args = vec![
+            "key",
+            "issue",
+            "--signing-key",
+            key.to_str().expect("utf8"),
+            "--subject",
+            subject,
+        ];
+        for r in repos {
+            args.extend(["--repo", r]);
+        }
+        args.extend(["--actions", actions, "--expires", expires]);
+        let out = outpost(&args);
+        assert!(
+            out.status.success(),
+            "key issue: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .lines()
+            .last()
+            .expect("key line")
+            .trim()
+            .to_owned()
+    }
+}
+
+/// A running daemon; killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+    pub config: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Writes `dir/outpost.toml` (listen on port 0, data in `dir/data`, trusting `issuer`)
+    /// plus `extra` TOML, and starts the daemon.
+    pub fn start(dir: &Path, issuer: &Issuer, extra: &str) -> Server {
+        let config = dir.join("outpost.toml");
+        // The token realm must name the real address, so pick a free port up front (the
+        // short race with other processes is acceptable in tests).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\nbody_idle_timeout = \"5s\"\n\
+             [storage]\npath = {:?}\ngc_grace = \"0s\"\n[auth]\nissuer_keys = [{:?}]\n{extra}",
+            dir.join("data"),
+            issuer.public()
+        );
+        std::fs::write(&config, text).expect("write config");
+        Server::start_with_config(&config)
+    }
+
+    pub fn start_with_config(config: &Path) -> Server {
+        let mut child = Command::new(outpost_bin())
+            .args(["serve", "--config", config.to_str().expect("utf8")])
+            .env("OUTPOST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outpost serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening addr=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send(addr);
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start: {}",
+                    log.lock().map(|l| l.clone()).unwrap_or_default()
+                );
+            }
+        };
+        Server {
+            child: Some(child),
+            addr,
+            config: config.to_owned(),
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to clean up, like a power cut for the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so content differs per seed.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Wraps `data` in a valid gzip stream of stored (uncompressed) deflate blocks, so
+/// clients recognise layers as compressed and copy them unchanged.
+pub fn gzip_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    let chunks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[][..]]
+    } else {
+        data.chunks(65_535).collect()
+    };
+    for (i, chunk) in chunks.iter().enumerate() {
+        out.push(u8::from(i + 1 == chunks.len()));
+        let len = chunk.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out.extend_from_slice(&crc32(data).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
+}
+
+/// An OCI image layout on disk.
+pub struct Layout {
+    pub dir: PathBuf,
+    pub entries: Vec<serde_json::Value>,
+}
+
+impl Layout {
+    pub fn new(dir: &Path) -> Layout {
+        std::fs::create_dir_all(dir.join("blobs/sha256")).expect("mkdir");
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("write");
+        Layout {
+            dir: dir.to_owned(),
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn put_blob(&self, content: &[u8]) -> (Digest, usize) {
+        let d = Digest::sha256_of(content);
+        std::fs::write(self.dir.join("blobs/sha256").join(d.hex()), content).expect("write blob");
+        (d, content.len())
+    }
+
+    /// Writes an image (config + layers of the given sizes) and returns its manifest.
+    pub fn image(&self, seed: u64, layer_sizes: &[usize], arch: &str) -> (Digest, usize, Vec<u8>) {
+        let layers: Vec<serde_json::Value> = layer_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let (d, s) = self.put_blob(&gzip_stored(&bytes(seed * 100 + i as u64, n)));
+                serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": s})
+            })
+            .collect();
+        let config = serde_json::json!({"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}, "seed": seed});
+        let (cd, cs) = self.put_blob(config.to_string().as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": cs},
+            "layers": layers,
+        });
+        let body = manifest.to_string().into_bytes();
+        let (md, ms) = self.put_blob(&body);
+        (md, ms, body)
+    }
+
+    pub fn tag(&mut self, media_type: &str, digest: &Digest, size: usize, tag: &str) {
+        self.entries.push(serde_json::json!({
+            "mediaType": media_type, "digest": digest.to_string(), "size": size,
+            "annotations": {"org.opencontainers.image.ref.name": tag}
+        }));
+        let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.entries});
+        std::fs::write(self.dir.join("index.json"), index.to_string()).expect("write index");
+    }
+
+    /// A multi-arch index over two images; returns its digest and size.
+    pub fn multi_arch(&self, seed: u64) -> (Digest, usize) {
+        let (a, asz, _) = self.image(seed, &[2048, 70_000], "amd64");
+        let (b, bsz, _) = self.image(seed + 1, &[4096], "arm64");
+        let index = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": a.to_string(), "size": asz, "platform": {"os": "linux", "architecture": "amd64"}},
+                {"mediaType": OCI_MANIFEST, "digest": b.to_string(), "size": bsz, "platform": {"os": "linux", "architecture": "arm64"}},
+            ]
+        });
+        self.put_blob(index.to_string().as_bytes())
+    }
+}
+
+pub fn skopeo(args: &[&str]) -> Output {
+    Command::new("skopeo")
+        .args(["--insecure-policy"])
+        .args(args)
+        .output()
+        .expect("skopeo must be installed (apt-get install skopeo)")
+}
+
+/// Every file under `blobs/` of a layout, by name, with contents.
+pub fn layout_blobs(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir.join("blobs/sha256"))
+        .expect("read layout")
+        .map(|e| {
+            let e = e.expect("entry");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("read"),
+            )
+        })
+        .collect()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// Pushes a blob monolithically with a key; returns the status.
+pub async fn push_blob(
+    server: &Server,
+    key: &str,
+    repo: &str,
+    content: &[u8],
+) -> (Digest, reqwest::StatusCode) {
+    let d = Digest::sha256_of(content);
+    let r = client()
+        .post(server.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+        .bearer_auth(key)
+        .body(content.to_vec())
+        .send()
+        .await
+        .expect("send");
+    (d, r.status())
+}
+
+/// Pushes a manifest; returns the response.
+pub async fn push_manifest(
+    server: &Server,
+    key: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> reqwest::Response {
+    client()
+        .put(server.url(&format!("/v2/{repo}/manifests/{reference}")))
+        .bearer_auth(key)
+        .header("Content-Type", media_type)
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("send")
+}
+
+/// Pushes a small image (config + one layer) into `repo` under `tag`.
+pub async fn push_image(
+    server: &Server,
+    key: &str,
+    repo: &str,
+    tag: &str,
+    seed: u64,
+) -> (Digest, Vec<u8>, Digest) {
+    let layer = bytes(seed, 10_000);
+    let (ld, st) = push_blob(server, key, repo, &layer).await;
+    assert_eq!(st, 201, "layer push");
+    let config = format!("{{\"seed\":{seed}}}");
+    let (cd, st) = push_blob(server, key, repo, config.as_bytes()).await;
+    assert_eq!(st, 201, "config push");
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld.to_string(), "size": layer.len()}],
+    })
+    .to_string()
+    .into_bytes();
+    let r = push_manifest(server, key, repo, tag, OCI_MANIFEST, &manifest).await;
+    assert_eq!(
+        r.status(),
+        201,
+        "manifest push: {}",
+        r.text().await.unwrap_or_default()
+    );
+    (Digest::sha256_of(&manifest), manifest, ld)
+}
+
+/// The OCI error code of a JSON error body.
+pub async fn error_code(r: reqwest::Response) -> String {
+    let v: serde_json::Value = r.json().await.expect("error body is JSON");
+    v["errors"][0]["code"]
+        .as_str()
+        .expect("errors[0].code")
+        .to_owned()
+}
