@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use crate::oci::Digest;
 
+/// Blob files found on disk as (digest, path), and files whose names are not digests.
+pub type BlobListing = (Vec<(Digest, PathBuf)>, Vec<PathBuf>);
+
 /// Paths under the storage root.
 #[derive(Debug)]
 pub struct BlobFiles {
@@ -92,7 +95,7 @@ impl BlobFiles {
 
     /// Every blob file on disk, as (digest, path). Files with names that are not digests
     /// are skipped (and reported by fsck through the second list).
-    pub fn list_blobs(&self) -> io::Result<(Vec<(Digest, PathBuf)>, Vec<PathBuf>)> {
+    pub fn list_blobs(&self) -> io::Result<BlobListing> {
         let mut found = Vec::new();
         let mut strays = Vec::new();
         if !self.blobs.exists() {
