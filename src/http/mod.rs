@@ -237,7 +237,7 @@ async fn dispatch(
         Route::Base => ok_json("{}"),
         Route::Health => ok_json("{\"status\":\"ok\"}"),
         Route::Ready => ok_json("{\"status\":\"ready\"}"),
-        Route::Token { scopes, .. } => token(state, ctx, &scopes),
+        Route::Token { scopes } => token(state, ctx, &scopes),
         Route::Catalog(page) => registry::catalog(state, ctx, &page).await,
         Route::GetManifest {
             repo,

@@ -30,8 +30,7 @@ fn finish(b: http::response::Builder, body: Body) -> Result<Response<Body>> {
         .map_err(|e| ApiError::internal(format!("building response: {e}")))
 }
 
-fn upload_location(state: &State, repo: &RepoName, id: &str) -> String {
-    let _ = state;
+fn upload_location(repo: &RepoName, id: &str) -> String {
     format!("/v2/{repo}/blobs/uploads/{id}")
 }
 
@@ -45,7 +44,6 @@ fn range_header(offset: u64) -> String {
 
 /// `202 Accepted` describing an upload session at `offset`.
 fn upload_accepted(
-    state: &State,
     repo: &RepoName,
     id: &str,
     offset: u64,
@@ -53,7 +51,7 @@ fn upload_accepted(
 ) -> Result<Response<Body>> {
     finish(
         builder(status)
-            .header(header::LOCATION, hv(&upload_location(state, repo, id))?)
+            .header(header::LOCATION, hv(&upload_location(repo, id))?)
             .header(header::RANGE, hv(&range_header(offset))?)
             .header("Docker-Upload-UUID", hv(id)?)
             .header(header::CONTENT_LENGTH, "0"),
@@ -364,7 +362,7 @@ pub async fn start_upload(
         return blob_created(repo, digest);
     }
     let id = state.store.start_upload(repo).await?;
-    upload_accepted(state, repo, &id, 0, StatusCode::ACCEPTED)
+    upload_accepted(repo, &id, 0, StatusCode::ACCEPTED)
 }
 
 pub async fn upload_status(state: &State, repo: &RepoName, id: &str) -> Result<Response<Body>> {
@@ -373,7 +371,7 @@ pub async fn upload_status(state: &State, repo: &RepoName, id: &str) -> Result<R
         .upload_offset(repo, id)
         .await?
         .ok_or_else(ApiError::upload_unknown)?;
-    upload_accepted(state, repo, id, offset, StatusCode::NO_CONTENT)
+    upload_accepted(repo, id, offset, StatusCode::NO_CONTENT)
 }
 
 pub async fn patch_upload(
@@ -385,7 +383,7 @@ pub async fn patch_upload(
     let start = content_range_start(&req)?;
     let stream = body::request_stream(req.into_body(), state.config.server.body_idle_timeout, None);
     let offset = state.store.append_upload(repo, id, start, stream).await?;
-    upload_accepted(state, repo, id, offset, StatusCode::ACCEPTED)
+    upload_accepted(repo, id, offset, StatusCode::ACCEPTED)
 }
 
 pub async fn finish_upload(

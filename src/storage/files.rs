@@ -5,10 +5,10 @@
 //! ever written there except by an atomic rename of an fsynced, digest-checked file.
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use crate::oci::Digest;
+use crate::oci::{Algorithm, Digest, Hasher};
 
 /// Blob files found on disk as (digest, path), and files whose names are not digests.
 pub type BlobListing = (Vec<(Digest, PathBuf)>, Vec<PathBuf>);
@@ -120,6 +120,22 @@ impl BlobFiles {
             }
         }
         Ok((found, strays))
+    }
+}
+
+/// Hashes a whole file, returning its digest under `algorithm` and its length.
+pub fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<(Digest, u64)> {
+    let mut file = File::open(path)?;
+    let mut hasher = Hasher::new(algorithm);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((hasher.finish(), size));
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
     }
 }
 

@@ -5,15 +5,16 @@
 //! every blob and every reference and reports (or with `repair`, removes) what is wrong.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::io::{self, Read};
+use std::io;
 use std::time::Duration;
 
 use redb::{ReadableDatabase, ReadableTable};
 
+use super::files::hash_file;
 use super::schema::*;
 use super::{Inner, StorageError, now_secs};
+use crate::oci::Digest;
 use crate::oci::manifest::Manifest;
-use crate::oci::{Digest, Hasher};
 
 /// What a gc run removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -197,21 +198,6 @@ fn remove_strays(inner: &Inner, grace: Duration) -> Result<u64, StorageError> {
     Ok(removed)
 }
 
-fn hash_file(path: &std::path::Path, digest: &Digest) -> io::Result<(Digest, u64)> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Hasher::new(digest.algorithm());
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok((hasher.finish(), size));
-        }
-        size += n as u64;
-        hasher.update(&buf[..n]);
-    }
-}
-
 pub(super) fn fsck(inner: &Inner, repair: bool) -> Result<FsckReport, StorageError> {
     let mut report = FsckReport::default();
     let txn = inner.db.begin_read()?;
@@ -237,7 +223,7 @@ pub(super) fn fsck(inner: &Inner, repair: bool) -> Result<FsckReport, StorageErr
                 continue;
             }
         };
-        match hash_file(&inner.files.blob_path(&digest), &digest) {
+        match hash_file(&inner.files.blob_path(&digest), digest.algorithm()) {
             Ok((actual, size)) if actual == digest && size == rec.size => {
                 good_blobs.insert(key);
             }

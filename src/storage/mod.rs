@@ -52,17 +52,25 @@ impl StorageError {
     }
 }
 
+/// `From` impls routing redb's error types into a store error type through
+/// [`StorageError`], so transaction code can use `?` directly.
 macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StorageError {
-            fn from(e: $t) -> StorageError {
-                StorageError::Db(e.into())
+    ($target:ty: $($t:ty),*) => {$(
+        impl From<$t> for $target {
+            fn from(e: $t) -> $target {
+                StorageError::Db(e.into()).into()
             }
         }
     )*};
 }
 from_redb!(
-    redb::TransactionError,
+    StorageError: redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+from_redb!(
+    PutManifestError: redb::TransactionError,
     redb::TableError,
     redb::StorageError,
     redb::CommitError
@@ -139,6 +147,14 @@ struct Inner {
     /// Held shared while a blob file is committed and linked, exclusively while garbage
     /// collection deletes files, so gc never removes a blob that a commit just reused.
     commit_lock: RwLock<()>,
+}
+
+/// The manifest digest a stored tag record points to.
+fn tag_target(record: &[u8]) -> Result<Digest, DecodeError> {
+    TagRecord::decode(record)?
+        .digest
+        .parse()
+        .map_err(|_| DecodeError("tag"))
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -321,8 +337,7 @@ impl Store {
             let Some(v) = tags.get((repo.as_str(), tag.as_str()))? else {
                 return Ok(None);
             };
-            let rec = TagRecord::decode(v.value())?;
-            Ok(Some(rec.digest.parse().map_err(|_| DecodeError("tag"))?))
+            Ok(Some(tag_target(v.value())?))
         })
         .await
     }
@@ -537,10 +552,7 @@ impl Inner {
                 let Some(v) = tags.get((repo.as_str(), t.as_str()))? else {
                     return Ok(None);
                 };
-                TagRecord::decode(v.value())?
-                    .digest
-                    .parse()
-                    .map_err(|_| DecodeError("tag"))?
+                tag_target(v.value())?
             }
         };
         let manifests = txn.open_table(MANIFESTS)?;
@@ -560,68 +572,47 @@ impl Inner {
     fn put_manifest(&self, put: PutManifest) -> Result<(), PutManifestError> {
         let repo = put.repo.as_str();
         let now = now_secs();
-        let txn = self.db.begin_write().map_err(StorageError::from)?;
+        let txn = self.db.begin_write()?;
         {
-            let repo_blobs = txn.open_table(REPO_BLOBS).map_err(StorageError::from)?;
-            let blobs = txn.open_table(BLOBS).map_err(StorageError::from)?;
+            let repo_blobs = txn.open_table(REPO_BLOBS)?;
+            let blobs = txn.open_table(BLOBS)?;
             for d in put.manifest.required_blobs() {
-                let linked = repo_blobs
-                    .get((repo, d.digest.as_str()))
-                    .map_err(StorageError::from)?
-                    .is_some();
-                let present = blobs
-                    .get(d.digest.as_str())
-                    .map_err(StorageError::from)?
-                    .is_some();
+                let linked = repo_blobs.get((repo, d.digest.as_str()))?.is_some();
+                let present = blobs.get(d.digest.as_str())?.is_some();
                 if !(linked && present) {
                     return Err(PutManifestError::BlobUnknown(d.digest.clone()));
                 }
             }
-            let mut repo_manifests = txn.open_table(REPO_MANIFESTS).map_err(StorageError::from)?;
+            let mut repo_manifests = txn.open_table(REPO_MANIFESTS)?;
             for child in &put.manifest.manifests {
-                if repo_manifests
-                    .get((repo, child.digest.as_str()))
-                    .map_err(StorageError::from)?
-                    .is_none()
-                {
+                if repo_manifests.get((repo, child.digest.as_str()))?.is_none() {
                     return Err(PutManifestError::ManifestUnknown(child.digest.clone()));
                 }
             }
-            let mut tags = txn.open_table(TAGS).map_err(StorageError::from)?;
+            let mut tags = txn.open_table(TAGS)?;
             if let Some(tag) = &put.tag {
-                let existing = tags
-                    .get((repo, tag.as_str()))
-                    .map_err(StorageError::from)?
-                    .map(|v| TagRecord::decode(v.value()).map(|r| r.digest.to_owned()))
-                    .transpose()
-                    .map_err(StorageError::from)?;
+                let existing = match tags.get((repo, tag.as_str()))? {
+                    Some(v) => Some(tag_target(v.value()).map_err(StorageError::from)?),
+                    None => None,
+                };
                 if let (Some(rule), Some(existing)) = (&put.immutable_rule, existing)
-                    && existing != put.digest.as_str()
+                    && existing != put.digest
                 {
                     return Err(PutManifestError::Immutable(rule.clone()));
                 }
                 tags.insert(
                     (repo, tag.as_str()),
                     TagRecord::encode(now, put.digest.as_str()).as_slice(),
-                )
-                .map_err(StorageError::from)?;
+                )?;
             }
-            let mut manifests = txn.open_table(MANIFESTS).map_err(StorageError::from)?;
-            if manifests
-                .get(put.digest.as_str())
-                .map_err(StorageError::from)?
-                .is_none()
-            {
-                manifests
-                    .insert(
-                        put.digest.as_str(),
-                        ManifestRecord::encode(&put.manifest.media_type, &put.body).as_slice(),
-                    )
-                    .map_err(StorageError::from)?;
+            let mut manifests = txn.open_table(MANIFESTS)?;
+            if manifests.get(put.digest.as_str())?.is_none() {
+                manifests.insert(
+                    put.digest.as_str(),
+                    ManifestRecord::encode(&put.manifest.media_type, &put.body).as_slice(),
+                )?;
             }
-            repo_manifests
-                .insert((repo, put.digest.as_str()), now)
-                .map_err(StorageError::from)?;
+            repo_manifests.insert((repo, put.digest.as_str()), now)?;
             if let Some(subject) = &put.manifest.subject {
                 let rec = ReferrerRecord {
                     media_type: put.manifest.media_type.clone(),
@@ -630,20 +621,17 @@ impl Inner {
                     artifact_type: put.manifest.artifact_type.clone(),
                     annotations: put.manifest.annotations.clone(),
                 };
-                txn.open_table(REFERRERS)
-                    .map_err(StorageError::from)?
-                    .insert(
-                        (repo, subject.digest.as_str(), put.digest.as_str()),
-                        rec.encode().as_slice(),
-                    )
-                    .map_err(StorageError::from)?;
+                txn.open_table(REFERRERS)?.insert(
+                    (repo, subject.digest.as_str(), put.digest.as_str()),
+                    rec.encode().as_slice(),
+                )?;
             }
-            let mut repos = txn.open_table(REPOS).map_err(StorageError::from)?;
-            if repos.get(repo).map_err(StorageError::from)?.is_none() {
-                repos.insert(repo, now).map_err(StorageError::from)?;
+            let mut repos = txn.open_table(REPOS)?;
+            if repos.get(repo)?.is_none() {
+                repos.insert(repo, now)?;
             }
         }
-        txn.commit().map_err(StorageError::from)?;
+        txn.commit()?;
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 //! file, so the offset a client is told always covers whole, acknowledged chunks.
 
 use std::collections::HashSet;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +14,7 @@ use futures_util::{Stream, StreamExt};
 use redb::ReadableDatabase;
 use tokio::io::AsyncWriteExt;
 
-use super::files::random_id;
+use super::files::{hash_file, random_id};
 use super::schema::{LinkOrigin, UPLOADS, UploadRecord};
 use super::{Inner, StorageError, Store, now_secs};
 use crate::oci::{Algorithm, Digest, Hasher, RepoName};
@@ -94,20 +94,6 @@ where
     Ok(start + written)
 }
 
-/// Hashes a whole file (used when an upload's running hash was lost to a restart).
-fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<Digest> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Hasher::new(algorithm);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hasher.finish());
-        }
-        hasher.update(&buf[..n]);
-    }
-}
-
 impl Store {
     /// Opens a new upload session for `repo`.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<String, StorageError> {
@@ -159,6 +145,44 @@ impl Store {
         }
     }
 
+    /// Keeps the running hash of upload `id`, valid up to `offset`.
+    fn keep_hasher(&self, id: &str, hasher: Option<Hasher>, offset: u64) {
+        if let (Some(h), Ok(mut map)) = (hasher, self.inner.hashers.lock()) {
+            map.insert(id.to_owned(), (h, offset));
+        }
+    }
+
+    /// Checks that `start` (if given) is the current offset of upload `id` of `repo` and
+    /// appends `body`. Returns the new offset with the running hash covering it; on
+    /// failure the hash state is kept for the unchanged offset. The caller holds the claim.
+    async fn append_checked<S>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        body: S,
+    ) -> Result<(u64, Option<Hasher>), UploadError>
+    where
+        S: Stream<Item = Result<Bytes, io::Error>> + Send + Unpin,
+    {
+        let offset = self
+            .upload_offset(repo, id)
+            .await?
+            .ok_or(UploadError::Unknown)?;
+        if start.is_some_and(|s| s != offset) {
+            return Err(UploadError::OutOfOrder { offset });
+        }
+        let path = self.inner.files.upload_path(id);
+        let mut hasher = self.take_hasher(id, offset);
+        match append_stream(&path, offset, &mut hasher, body).await {
+            Ok(new_offset) => Ok((new_offset, hasher)),
+            Err(e) => {
+                self.keep_hasher(id, hasher, offset);
+                Err(e)
+            }
+        }
+    }
+
     /// Appends a chunk. `start`, when the client sent `Content-Range`, must equal the
     /// current offset. Returns the new offset.
     pub async fn append_upload<S>(
@@ -172,24 +196,9 @@ impl Store {
         S: Stream<Item = Result<Bytes, io::Error>> + Send + Unpin,
     {
         let _busy = self.claim(id)?;
-        let offset = self
-            .upload_offset(repo, id)
-            .await?
-            .ok_or(UploadError::Unknown)?;
-        if start.is_some_and(|s| s != offset) {
-            return Err(UploadError::OutOfOrder { offset });
-        }
-        let path = self.inner.files.upload_path(id);
-        let mut hasher = self.take_hasher(id, offset);
-        let result = append_stream(&path, offset, &mut hasher, body).await;
-        let new_offset = match &result {
-            Ok(n) => *n,
-            Err(_) => offset,
-        };
-        if let (Some(h), Ok(mut map)) = (hasher, self.inner.hashers.lock()) {
-            map.insert(id.to_owned(), (h, new_offset));
-        }
-        result
+        let (offset, hasher) = self.append_checked(repo, id, start, body).await?;
+        self.keep_hasher(id, hasher, offset);
+        Ok(offset)
     }
 
     /// Completes an upload with an optional final chunk, verifies `digest`, commits the
@@ -206,21 +215,13 @@ impl Store {
         S: Stream<Item = Result<Bytes, io::Error>> + Send + Unpin,
     {
         let _busy = self.claim(id)?;
-        let offset = self
-            .upload_offset(repo, id)
-            .await?
-            .ok_or(UploadError::Unknown)?;
-        if start.is_some_and(|s| s != offset) {
-            return Err(UploadError::OutOfOrder { offset });
-        }
+        let (size, hasher) = self.append_checked(repo, id, start, body).await?;
         let path = self.inner.files.upload_path(id);
-        let mut hasher = self.take_hasher(id, offset);
-        let size = append_stream(&path, offset, &mut hasher, body).await?;
         let actual = match hasher {
             Some(h) if digest.algorithm() == Algorithm::Sha256 => h.finish(),
             _ => {
                 let (p, algo) = (path.clone(), digest.algorithm());
-                tokio::task::spawn_blocking(move || hash_file(&p, algo))
+                tokio::task::spawn_blocking(move || hash_file(&p, algo).map(|(d, _)| d))
                     .await
                     .map_err(|_| StorageError::Task)??
             }
