@@ -99,6 +99,18 @@ pub struct UpstreamConfig {
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    /// How long establishing a connection (TCP and TLS) may take.
+    pub connect_timeout: Duration,
+    /// How long the upstream may stay silent: before response headers, and between two
+    /// reads of a body.
+    pub read_timeout: Duration,
+    /// How long a client waits for a due tag revalidation before the last known answer
+    /// is served (stale); the revalidation itself goes on in the background.
+    pub revalidate_wait: Duration,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker refuses requests before one probe is let through.
+    pub breaker_cooldown: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -371,6 +383,27 @@ impl Validator {
             username: raw.username,
             password_file: raw.password_file,
             ca: raw.ca,
+            connect_timeout: self.duration(
+                &format!("{field}.connect_timeout"),
+                raw.connect_timeout.as_deref(),
+                Duration::from_secs(5),
+            ),
+            read_timeout: self.duration(
+                &format!("{field}.read_timeout"),
+                raw.read_timeout.as_deref(),
+                Duration::from_secs(30),
+            ),
+            revalidate_wait: self.duration(
+                &format!("{field}.revalidate_wait"),
+                raw.revalidate_wait.as_deref(),
+                Duration::from_secs(2),
+            ),
+            breaker_threshold: raw.breaker_threshold.unwrap_or(3).max(1),
+            breaker_cooldown: self.duration(
+                &format!("{field}.breaker_cooldown"),
+                raw.breaker_cooldown.as_deref(),
+                Duration::from_secs(30),
+            ),
         }
     }
 

@@ -65,6 +65,11 @@ pub struct RawUpstream {
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    pub connect_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub revalidate_wait: Option<String>,
+    pub breaker_threshold: Option<u32>,
+    pub breaker_cooldown: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
