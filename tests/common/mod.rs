@@ -1,6 +1,16 @@
 //! Test harness: runs the real `outpost` binary on 127.0.0.1:0 with a temp data dir,
 //! issues keys with the real CLI, builds OCI image layouts on disk, and drives skopeo.
+//!
+//! For pull-through tests: [`upstream`] runs a real docker-registry (optionally with Docker
+//! Hub-style token auth and a CDN redirect), [`fake`] an in-process upstream that misbehaves
+//! on demand, and [`containerd`] a real containerd pulling through `hosts.toml`.
 #![allow(dead_code)]
+
+pub mod containerd;
+pub mod fake;
+pub mod process;
+mod serve;
+pub mod upstream;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
