@@ -5,12 +5,15 @@
 //! - [`config`]: the TOML file and its validation into an immutable `Config`.
 //! - [`storage`]: blob files, redb metadata, uploads, gc and fsck.
 //! - [`auth`]: principals, signed API keys, tokens, access policy, revocation.
+//! - [`upstream`]: clients for upstream registries (token flow, redirects, timeouts,
+//!   circuit breaker).
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
 //! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
 //!
 //! # Dependency direction
 //! `oci` depends on nothing. Domain modules (`auth`, `storage`, ...) never see hyper types
-//! or HTTP status codes. Nothing depends on `http` or `app`.
+//! or HTTP status codes. `upstream` speaks HTTP to registries but hides it: its API has no
+//! HTTP types or status codes, only classified errors. Nothing depends on `http` or `app`.
 
 pub mod app;
 pub mod auth;
@@ -19,3 +22,4 @@ pub mod config;
 pub mod http;
 pub mod oci;
 pub mod storage;
+pub mod upstream;
