@@ -14,9 +14,14 @@ use crate::auth::{
     AuthSettings, Authenticator, DEFAULT_CAPACITY, DEFAULT_MAX_FAILURES, DEFAULT_WINDOW,
     FailureThrottle, RevocationSet, load_verifying_key, parse_revocation_file,
 };
+use crate::cache::PullThrough;
 use crate::config::Config;
 use crate::http::{self, Listeners, TlsSettings};
+use crate::metrics::Metrics;
 use crate::storage::Store;
+
+/// How often access times are flushed and the size budget checked, at the latest.
+const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A running server.
 pub struct Daemon {
@@ -136,8 +141,25 @@ impl Daemon {
             .filter_map(|l| l.local_addr().ok())
             .collect::<Vec<_>>();
         let throttle = FailureThrottle::new(DEFAULT_MAX_FAILURES, DEFAULT_WINDOW, DEFAULT_CAPACITY);
-        let state = http::State::new(config.clone(), store, auth.clone(), throttle);
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(
+            PullThrough::new(&config, store.clone(), metrics.clone())
+                .context("setting up upstream clients")?,
+        );
         let shutdown = CancellationToken::new();
+        tokio::spawn({
+            let (cache, shutdown) = (cache.clone(), shutdown.clone());
+            let budget = config.storage.max_size;
+            async move { cache.maintain(budget, MAINTENANCE_INTERVAL, shutdown).await }
+        });
+        let state = http::State::new(
+            config.clone(),
+            store,
+            auth.clone(),
+            throttle,
+            cache,
+            metrics,
+        );
         let task = tokio::spawn(http::serve(state, listeners, tls.clone(), shutdown.clone()));
         for a in &plain_addrs {
             tracing::info!(addr = %a, tls = false, "listening");

@@ -17,9 +17,12 @@
 
 pub mod app;
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod metrics;
+pub mod namespace;
 pub mod oci;
 pub mod storage;
 pub mod upstream;

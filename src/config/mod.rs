@@ -178,13 +178,18 @@ impl Config {
 
     /// The upstream whose name or alias is `ns` (Docker Hub's historic hosts included).
     pub fn upstream_by_ns(&self, ns: &str) -> Option<&UpstreamConfig> {
+        self.upstream_index(ns).and_then(|i| self.upstreams.get(i))
+    }
+
+    /// The position in [`Config::upstreams`] of the upstream `ns` names.
+    pub fn upstream_index(&self, ns: &str) -> Option<usize> {
         let ns = match ns {
             "index.docker.io" | "registry-1.docker.io" => "docker.io",
             other => other,
         };
         self.upstreams
             .iter()
-            .find(|u| u.name == ns || u.aliases.iter().any(|a| a == ns))
+            .position(|u| u.name == ns || u.aliases.iter().any(|a| a == ns))
     }
 }
 

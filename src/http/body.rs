@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 
 /// The response body type of every handler.
-pub type Body = BoxBody<Bytes, io::Error>;
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// A request body as a stream of chunks, ready for the store.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
@@ -24,7 +24,7 @@ const FILE_CHUNK: usize = 256 * 1024;
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 pub fn empty() -> Body {
@@ -85,6 +85,11 @@ pub async fn read_limited(
     Ok(Some(buf.into()))
 }
 
+/// A response body from a stream of chunks.
+pub fn stream(stream: ByteStream) -> Body {
+    BodyExt::boxed_unsync(StreamBody::new(stream.map(|r| r.map(Frame::data))))
+}
+
 /// Streams `len` bytes of `file` starting at `offset`, reading on the blocking pool.
 pub fn file_body(file: std::fs::File, offset: u64, len: u64) -> Body {
     let stream =
@@ -123,5 +128,5 @@ pub fn file_body(file: std::fs::File, offset: u64, len: u64) -> Body {
                 Err(e) => Some((Err(e), None)),
             }
         });
-    BodyExt::boxed(StreamBody::new(stream))
+    BodyExt::boxed_unsync(StreamBody::new(stream))
 }

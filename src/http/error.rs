@@ -8,9 +8,11 @@ use http::{HeaderName, HeaderValue, StatusCode};
 
 use super::route::RouteError;
 use crate::auth::AuthError;
+use crate::cache::CacheError;
 use crate::oci::manifest::ManifestError;
 use crate::oci::{ErrorCode, NameError};
 use crate::storage::{PutManifestError, StorageError, UploadError};
+use crate::upstream::UpstreamError;
 
 /// An error response: status, OCI code, message, and extra headers.
 #[derive(Debug)]
@@ -140,14 +142,59 @@ impl From<RouteError> for ApiError {
 
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> ApiError {
-        if e.is_disk_full() {
-            ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
+        storage_error(&e)
+    }
+}
+
+fn storage_error(e: &StorageError) -> ApiError {
+    if e.is_disk_full() {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            ErrorCode::Unavailable,
+            "storage is full",
+        )
+    } else {
+        ApiError::internal(e.to_string())
+    }
+}
+
+impl From<CacheError> for ApiError {
+    fn from(e: CacheError) -> ApiError {
+        match e {
+            CacheError::Upstream(UpstreamError::NotFound) => ApiError::name_unknown(),
+            CacheError::Upstream(UpstreamError::Denied) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NameUnknown,
+                "the upstream refused access to this repository",
+            ),
+            CacheError::Upstream(UpstreamError::RateLimited { retry_after }) => {
+                let e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::TooManyRequests,
+                    "the upstream is rate-limiting requests and nothing is cached",
+                );
+                match retry_after {
+                    Some(d) => e.with_header(
+                        http::header::RETRY_AFTER,
+                        HeaderValue::from(d.as_secs().max(1)),
+                    ),
+                    None => e,
+                }
+            }
+            CacheError::Upstream(UpstreamError::Unavailable(reason)) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,
-                "storage is full",
-            )
-        } else {
-            ApiError::internal(e.to_string())
+                format!("the upstream is unavailable and nothing is cached: {reason}"),
+            ),
+            CacheError::Upstream(UpstreamError::Invalid(reason)) | CacheError::Invalid(reason) => {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::Unavailable,
+                    format!("the upstream sent invalid content: {reason}"),
+                )
+            }
+            CacheError::Storage(s) => storage_error(&s),
+            CacheError::Internal => ApiError::internal("pull-through cache failure"),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 mod body;
 mod error;
+mod proxy;
 mod registry;
 pub mod route;
 mod server;
@@ -22,7 +23,10 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::auth::{AuthError, Authenticator, FailureThrottle, Principal, Scope};
+use crate::cache::{PullThrough, Target};
 use crate::config::Config;
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::namespace::{self, Namespace, NamespaceError};
 use crate::oci::ErrorCode;
 use crate::storage::Store;
 pub use body::Body;
@@ -42,6 +46,8 @@ pub struct StateInner {
     store: Store,
     auth: Authenticator,
     throttle: FailureThrottle,
+    cache: Arc<PullThrough>,
+    metrics: Arc<Metrics>,
     next_id: AtomicU64,
 }
 
@@ -58,6 +64,8 @@ impl State {
         store: Store,
         auth: Authenticator,
         throttle: FailureThrottle,
+        cache: Arc<PullThrough>,
+        metrics: Arc<Metrics>,
     ) -> State {
         State {
             inner: Arc::new(StateInner {
@@ -65,6 +73,8 @@ impl State {
                 store,
                 auth,
                 throttle,
+                cache,
+                metrics,
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -85,21 +95,52 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
     let path = req.uri().path().to_owned();
     let mut route_name = "unrouted";
     let mut subject = String::from("-");
+    let mut upstream_ns: Option<HeaderValue> = None;
     let result = async {
-        let route = route::route(&method, &path, req.uri().query())?;
+        let mut route = route::route(&method, &path, req.uri().query())?;
         route_name = route.name();
+        let namespace = resolve(&state, &mut route, req.uri().query())?;
+        if let Namespace::Upstream { index, .. } = &namespace {
+            upstream_ns = state
+                .config
+                .upstreams
+                .get(*index)
+                .and_then(|u| HeaderValue::from_str(&u.name).ok());
+        }
         let principal = authenticate(&state, &req, peer)?;
         subject = principal.subject().to_owned();
         authorize(&state, &route, &principal)?;
         let ctx = Ctx { id, principal };
-        dispatch(&state, &ctx, route, req).await
+        match namespace {
+            Namespace::Hosted => dispatch(&state, &ctx, route, req).await,
+            Namespace::Upstream { index, remote } => {
+                dispatch_upstream(&state, index, &remote, route, req).await
+            }
+        }
     }
     .await;
-    let response = match result {
+    let mut response = match result {
         Ok(r) => r,
         Err(e) => error_response(e),
     };
+    if let Some(ns) = upstream_ns {
+        response.headers_mut().insert("OCI-Namespace", ns);
+    }
     let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: route_name,
+            status,
+        })
+        .inc();
+    state
+        .metrics
+        .request_seconds
+        .get_or_create(&RouteLabels { route: route_name })
+        .observe(elapsed.as_secs_f64());
     tracing::info!(
         request_id = id,
         %method,
@@ -107,7 +148,7 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
         route = route_name,
         principal = %subject,
         status,
-        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );
     response
@@ -139,6 +180,7 @@ fn authenticate(
     };
     let now = Instant::now();
     if let Err(retry) = state.throttle.check(peer.ip(), now) {
+        state.metrics.auth_result("throttled");
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TooManyRequests,
@@ -155,10 +197,12 @@ fn authenticate(
     match state.auth.authenticate(Some(value), SystemTime::now()) {
         Ok(p) => {
             state.throttle.record_success(peer.ip());
+            state.metrics.auth_result("accepted");
             Ok(p)
         }
         Err(e) => {
             state.throttle.record_failure(peer.ip(), now);
+            state.metrics.auth_result("rejected");
             Err(challenge(state, ApiError::from(e), None))
         }
     }
@@ -203,6 +247,7 @@ fn authorize(state: &State, route: &Route, principal: &Principal) -> Result<(), 
     if state.auth.allowed(principal, repo).contains(action) {
         return Ok(());
     }
+    state.metrics.auth_result("denied");
     // A push also needs pull (clients check blobs first); ask for both in the challenge.
     let wanted = match action {
         crate::auth::Action::Pull => "pull",
@@ -227,6 +272,95 @@ fn authorize(state: &State, route: &Route, principal: &Principal) -> Result<(), 
     }
 }
 
+/// Resolves the route's repository to its namespace, rewriting it to the canonical
+/// name that policy and storage use.
+fn resolve(state: &State, route: &mut Route, query: Option<&str>) -> Result<Namespace, ApiError> {
+    let Some(repo) = route.repo_mut() else {
+        return Ok(Namespace::Hosted);
+    };
+    let query = route::Query::parse(query)?;
+    let resolved =
+        namespace::resolve(&state.config, repo, query.get("ns")).map_err(|e| match e {
+            NamespaceError::UnknownNamespace(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, e.to_string())
+            }
+            NamespaceError::Name(n) => ApiError::from(route::RouteError::Name(n)),
+        })?;
+    *repo = resolved.canonical;
+    Ok(resolved.namespace)
+}
+
+/// Requests for repositories of an upstream: reads go through the cache; writes are
+/// refused (pushes go to hosted repositories).
+async fn dispatch_upstream(
+    state: &State,
+    index: usize,
+    remote: &crate::oci::RepoName,
+    route: Route,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let header_str = |name| {
+        let values: Vec<&str> = req
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    };
+    match route {
+        Route::GetManifest {
+            repo,
+            reference,
+            head,
+        } => {
+            let t = Target {
+                index,
+                remote,
+                canonical: &repo,
+            };
+            let accept = header_str(header::ACCEPT);
+            proxy::get_manifest(state, &t, &reference, head, accept.as_deref()).await
+        }
+        Route::GetBlob { repo, digest, head } => {
+            let t = Target {
+                index,
+                remote,
+                canonical: &repo,
+            };
+            let range = header_str(header::RANGE);
+            proxy::get_blob(state, &t, &digest, head, range.as_deref()).await
+        }
+        Route::Tags { repo, page } => {
+            let t = Target {
+                index,
+                remote,
+                canonical: &repo,
+            };
+            proxy::tags(state, &t, &page).await
+        }
+        Route::Referrers {
+            repo,
+            digest,
+            artifact_type,
+        } => {
+            let t = Target {
+                index,
+                remote,
+                canonical: &repo,
+            };
+            proxy::referrers(state, &t, &digest, artifact_type.as_deref()).await
+        }
+        other => Err(ApiError::denied(format!(
+            "{} belongs to an upstream registry; push to a hosted repository instead",
+            other
+                .scope()
+                .map(|(r, _)| r.to_string())
+                .unwrap_or_default()
+        ))),
+    }
+}
+
 async fn dispatch(
     state: &State,
     ctx: &Ctx,
@@ -237,6 +371,7 @@ async fn dispatch(
         Route::Base => ok_json("{}"),
         Route::Health => ok_json("{\"status\":\"ok\"}"),
         Route::Ready => ok_json("{\"status\":\"ready\"}"),
+        Route::Metrics => metrics(state),
         Route::Token { scopes } => token(state, ctx, &scopes),
         Route::Catalog(page) => registry::catalog(state, ctx, &page).await,
         Route::GetManifest {
@@ -277,6 +412,18 @@ async fn dispatch(
             artifact_type,
         } => registry::referrers(state, &repo, &digest, artifact_type.as_deref()).await,
     }
+}
+
+fn metrics(state: &State) -> Result<Response<Body>, ApiError> {
+    state.cache.export_health(&state.metrics);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+        .body(body::full(state.metrics.encode()))
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn ok_json(body: &'static str) -> Result<Response<Body>, ApiError> {

@@ -13,19 +13,19 @@ use super::{Ctx, State};
 use crate::auth::Action;
 use crate::oci::manifest::{Manifest, OCI_INDEX};
 use crate::oci::{Digest, ErrorCode, MAX_MANIFEST_BYTES, Reference, RepoName};
-use crate::storage::{LinkOrigin, PutManifest};
+use crate::storage::{LinkOrigin, PutManifest, StoredManifest};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-fn hv(s: &str) -> Result<HeaderValue> {
+pub fn hv(s: &str) -> Result<HeaderValue> {
     HeaderValue::from_str(s).map_err(|_| ApiError::internal("header value is not representable"))
 }
 
-fn builder(status: StatusCode) -> http::response::Builder {
+pub fn builder(status: StatusCode) -> http::response::Builder {
     Response::builder().status(status)
 }
 
-fn finish(b: http::response::Builder, body: Body) -> Result<Response<Body>> {
+pub fn finish(b: http::response::Builder, body: Body) -> Result<Response<Body>> {
     b.body(body)
         .map_err(|e| ApiError::internal(format!("building response: {e}")))
 }
@@ -80,6 +80,11 @@ pub async fn get_manifest(
         .get_manifest(repo, reference)
         .await?
         .ok_or_else(ApiError::manifest_unknown)?;
+    manifest_response(m, head)
+}
+
+/// `200 OK` with a manifest; HEAD gets the same headers (containerd needs them all).
+pub fn manifest_response(m: StoredManifest, head: bool) -> Result<Response<Body>> {
     let b = builder(StatusCode::OK)
         .header(header::CONTENT_TYPE, hv(&m.media_type)?)
         .header(header::CONTENT_LENGTH, m.body.len())
@@ -234,6 +239,19 @@ pub async fn get_blob(
         .await?
         .ok_or_else(ApiError::blob_unknown)?;
     let size = blob.size;
+    blob_response(digest, size, head, range, |start, len| {
+        body::file_body(blob.file, start, len)
+    })
+}
+
+/// A blob answer of `size` bytes, honouring `Range`; `body(start, len)` makes the bytes.
+pub fn blob_response(
+    digest: &Digest,
+    size: u64,
+    head: bool,
+    range: Option<&str>,
+    body: impl FnOnce(u64, u64) -> Body,
+) -> Result<Response<Body>> {
     let base = |status| -> Result<http::response::Builder> {
         Ok(builder(status)
             .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -241,18 +259,12 @@ pub async fn get_blob(
             .header(header::ACCEPT_RANGES, "bytes")
             .header(header::ETAG, hv(&format!("\"{digest}\""))?))
     };
-    match range.map(|r| parse_range(r, size)) {
-        None | Some(Ok(None)) => {
-            let b = base(StatusCode::OK)?.header(header::CONTENT_LENGTH, size);
-            finish(
-                b,
-                if head {
-                    body::empty()
-                } else {
-                    body::file_body(blob.file, 0, size)
-                },
-            )
-        }
+    let (b, start, len) = match range.map(|r| parse_range(r, size)) {
+        None | Some(Ok(None)) => (
+            base(StatusCode::OK)?.header(header::CONTENT_LENGTH, size),
+            0,
+            size,
+        ),
         Some(Ok(Some((start, end)))) => {
             let len = end - start + 1;
             let b = base(StatusCode::PARTIAL_CONTENT)?
@@ -261,22 +273,25 @@ pub async fn get_blob(
                     header::CONTENT_RANGE,
                     hv(&format!("bytes {start}-{end}/{size}"))?,
                 );
-            finish(
-                b,
-                if head {
-                    body::empty()
-                } else {
-                    body::file_body(blob.file, start, len)
-                },
-            )
+            (b, start, len)
         }
-        Some(Err(())) => Err(ApiError::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            ErrorCode::RangeInvalid,
-            "requested range is not satisfiable",
-        )
-        .with_header(header::CONTENT_RANGE, hv(&format!("bytes */{size}"))?)),
-    }
+        Some(Err(())) => {
+            return Err(ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                ErrorCode::RangeInvalid,
+                "requested range is not satisfiable",
+            )
+            .with_header(header::CONTENT_RANGE, hv(&format!("bytes */{size}"))?));
+        }
+    };
+    finish(
+        b,
+        if head {
+            body::empty()
+        } else {
+            body(start, len)
+        },
+    )
 }
 
 pub async fn delete_blob(

@@ -84,6 +84,8 @@ pub enum Route {
     },
     Health,
     Ready,
+    /// `GET /metrics` (Prometheus text).
+    Metrics,
 }
 
 /// Why a request could not be routed; each maps to one OCI error.
@@ -124,7 +126,27 @@ impl Route {
             | FinishUpload { repo, .. }
             | CancelUpload { repo, .. } => Some((repo, Action::Push)),
             DeleteManifest { repo, .. } | DeleteBlob { repo, .. } => Some((repo, Action::Delete)),
-            Base | Catalog(_) | Token { .. } | Health | Ready => None,
+            Base | Catalog(_) | Token { .. } | Health | Ready | Metrics => None,
+        }
+    }
+
+    /// The repository named in the URL, for namespace resolution to rewrite.
+    pub fn repo_mut(&mut self) -> Option<&mut RepoName> {
+        use Route::*;
+        match self {
+            GetManifest { repo, .. }
+            | PutManifest { repo, .. }
+            | DeleteManifest { repo, .. }
+            | GetBlob { repo, .. }
+            | DeleteBlob { repo, .. }
+            | StartUpload { repo, .. }
+            | UploadStatus { repo, .. }
+            | PatchUpload { repo, .. }
+            | FinishUpload { repo, .. }
+            | CancelUpload { repo, .. }
+            | Tags { repo, .. }
+            | Referrers { repo, .. } => Some(repo),
+            Base | Catalog(_) | Token { .. } | Health | Ready | Metrics => None,
         }
     }
 
@@ -151,6 +173,7 @@ impl Route {
             Token { .. } => "token",
             Health => "healthz",
             Ready => "readyz",
+            Metrics => "metrics",
         }
     }
 }
@@ -260,6 +283,13 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
         "/readyz" => {
             return if get_or_head {
                 Ok(Route::Ready)
+            } else {
+                Err(RouteError::MethodNotAllowed)
+            };
+        }
+        "/metrics" => {
+            return if get_or_head {
+                Ok(Route::Metrics)
             } else {
                 Err(RouteError::MethodNotAllowed)
             };

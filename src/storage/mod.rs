@@ -7,6 +7,7 @@
 //! names a missing file. All redb work runs on the blocking pool, never on the executor.
 //! This module knows nothing of HTTP.
 
+mod cached;
 mod files;
 mod maintenance;
 mod schema;
@@ -26,6 +27,7 @@ use crate::oci::{Digest, Hasher, Reference, RepoName, Tag};
 use files::BlobFiles;
 use schema::*;
 
+pub use cached::{AcceptClass, EvictReport, FetchedManifest, TagFreshness};
 pub use maintenance::{FsckReport, GcReport};
 pub use schema::{LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
@@ -147,6 +149,8 @@ struct Inner {
     /// Held shared while a blob file is committed and linked, exclusively while garbage
     /// collection deletes files, so gc never removes a blob that a commit just reused.
     commit_lock: RwLock<()>,
+    /// Blob digests served since the last flush, with when (milliseconds).
+    access: Mutex<HashMap<String, u64>>,
 }
 
 /// The manifest digest a stored tag record points to.
@@ -197,6 +201,8 @@ impl Store {
             txn.open_table(REPOS)?;
             txn.open_table(UPLOADS)?;
             txn.open_table(REVOKED_KEYS)?;
+            txn.open_table(UPSTREAM_TAGS)?;
+            txn.open_table(BLOB_ACCESS)?;
         }
         txn.commit()?;
         Ok(Store {
@@ -206,6 +212,7 @@ impl Store {
                 hashers: Mutex::new(HashMap::new()),
                 busy: Arc::default(),
                 commit_lock: RwLock::new(()),
+                access: Mutex::default(),
             }),
         })
     }
@@ -243,6 +250,7 @@ impl Store {
             let Some(size) = i.linked_blob(&repo, &digest)? else {
                 return Ok(None);
             };
+            i.record_access(&digest);
             match std::fs::File::open(i.files.blob_path(&digest)) {
                 Ok(file) => Ok(Some(BlobHandle { file, size })),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::Corrupt(
@@ -470,6 +478,46 @@ impl Store {
     }
 }
 
+/// Writes a manifest's body, its link into `repo`, its referrer entry and the repository
+/// row, inside the caller's transaction. Hosted pushes and upstream fetches share it.
+fn store_manifest_rows(
+    txn: &redb::WriteTransaction,
+    repo: &RepoName,
+    digest: &Digest,
+    body: &[u8],
+    manifest: &Manifest,
+    now: u64,
+) -> Result<(), StorageError> {
+    let r = repo.as_str();
+    let mut manifests = txn.open_table(MANIFESTS)?;
+    if manifests.get(digest.as_str())?.is_none() {
+        manifests.insert(
+            digest.as_str(),
+            ManifestRecord::encode(&manifest.media_type, body).as_slice(),
+        )?;
+    }
+    txn.open_table(REPO_MANIFESTS)?
+        .insert((r, digest.as_str()), now)?;
+    if let Some(subject) = &manifest.subject {
+        let rec = ReferrerRecord {
+            media_type: manifest.media_type.clone(),
+            digest: digest.to_string(),
+            size: body.len() as u64,
+            artifact_type: manifest.artifact_type.clone(),
+            annotations: manifest.annotations.clone(),
+        };
+        txn.open_table(REFERRERS)?.insert(
+            (r, subject.digest.as_str(), digest.as_str()),
+            rec.encode().as_slice(),
+        )?;
+    }
+    let mut repos = txn.open_table(REPOS)?;
+    if repos.get(r)?.is_none() {
+        repos.insert(r, now)?;
+    }
+    Ok(())
+}
+
 impl Inner {
     fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, StorageError> {
         let txn = self.db.begin_read()?;
@@ -583,7 +631,7 @@ impl Inner {
                     return Err(PutManifestError::BlobUnknown(d.digest.clone()));
                 }
             }
-            let mut repo_manifests = txn.open_table(REPO_MANIFESTS)?;
+            let repo_manifests = txn.open_table(REPO_MANIFESTS)?;
             for child in &put.manifest.manifests {
                 if repo_manifests.get((repo, child.digest.as_str()))?.is_none() {
                     return Err(PutManifestError::ManifestUnknown(child.digest.clone()));
@@ -605,31 +653,8 @@ impl Inner {
                     TagRecord::encode(now, put.digest.as_str()).as_slice(),
                 )?;
             }
-            let mut manifests = txn.open_table(MANIFESTS)?;
-            if manifests.get(put.digest.as_str())?.is_none() {
-                manifests.insert(
-                    put.digest.as_str(),
-                    ManifestRecord::encode(&put.manifest.media_type, &put.body).as_slice(),
-                )?;
-            }
-            repo_manifests.insert((repo, put.digest.as_str()), now)?;
-            if let Some(subject) = &put.manifest.subject {
-                let rec = ReferrerRecord {
-                    media_type: put.manifest.media_type.clone(),
-                    digest: put.digest.to_string(),
-                    size: put.body.len() as u64,
-                    artifact_type: put.manifest.artifact_type.clone(),
-                    annotations: put.manifest.annotations.clone(),
-                };
-                txn.open_table(REFERRERS)?.insert(
-                    (repo, subject.digest.as_str(), put.digest.as_str()),
-                    rec.encode().as_slice(),
-                )?;
-            }
-            let mut repos = txn.open_table(REPOS)?;
-            if repos.get(repo)?.is_none() {
-                repos.insert(repo, now)?;
-            }
+            drop(repo_manifests);
+            store_manifest_rows(&txn, &put.repo, &put.digest, &put.body, &put.manifest, now)?;
         }
         txn.commit()?;
         Ok(())

@@ -28,6 +28,13 @@ pub const REFERRERS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinitio
 pub const REPOS: TableDefinition<&str, u64> = TableDefinition::new("repos");
 /// upload id → [`UploadRecord`].
 pub const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+/// (repository, tag, accept class) → [`TagRecord`] whose time is when the upstream last
+/// confirmed the answer: the freshness of pull-through tags.
+pub const UPSTREAM_TAGS: TableDefinition<(&str, &str, u8), &[u8]> =
+    TableDefinition::new("upstream_tags");
+/// digest → last time the blob was served (milliseconds), flushed in batches: the LRU order
+/// of eviction.
+pub const BLOB_ACCESS: TableDefinition<&str, u64> = TableDefinition::new("blob_access");
 /// revoked API key id → time of revocation.
 pub const REVOKED_KEYS: TableDefinition<&str, u64> = TableDefinition::new("revoked_keys");
 
@@ -156,6 +163,7 @@ impl<'a> ManifestRecord<'a> {
 /// `[v1][updated u64][digest]`. The update time is kept for freshness decisions; readers
 /// that need only the digest skip it.
 pub struct TagRecord<'a> {
+    pub updated: u64,
     pub digest: &'a str,
 }
 
@@ -170,8 +178,8 @@ impl<'a> TagRecord<'a> {
 
     pub fn decode(b: &'a [u8]) -> Result<TagRecord<'a>, DecodeError> {
         check_version(b, "tag")?;
-        u64_at(b, 1, "tag")?;
         Ok(TagRecord {
+            updated: u64_at(b, 1, "tag")?,
             digest: std::str::from_utf8(&b[9..]).map_err(|_| DecodeError("tag"))?,
         })
     }

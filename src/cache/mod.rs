@@ -1,0 +1,585 @@
+//! Pull-through caching (PRODUCT.md §2): answers manifest and blob requests for upstream
+//! repositories from the store when it can, from the upstream when it must, and from the
+//! last known answer when the upstream is down.
+//!
+//! - Manifests by digest are immutable: once stored they never need the upstream again.
+//! - A tag answer is trusted for the upstream's `tag_ttl`, then revalidated with a HEAD.
+//!   A client waits at most `revalidate_wait` for that; past it, or if the upstream is
+//!   down, lying or rate-limiting, the last known answer is served (stale). Only an
+//!   upstream saying the tag is gone ends it.
+//! - Every upstream fetch is coalesced: one per tag, manifest or blob however many
+//!   clients ask at once. Blobs stream to every client as they arrive ([`flight`]).
+//! - A blob is served through repository R only if R's link to it exists or the
+//!   upstream confirms R has it; bytes on disk because of another repository are not
+//!   enough.
+//!
+//! This module knows nothing of HTTP; the `http` layer maps its answers and errors.
+
+mod flight;
+mod singleflight;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::metrics::{Metrics, UpstreamLabels};
+use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, Manifest, OCI_INDEX, OCI_MANIFEST};
+use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::storage::{
+    AcceptClass, BlobHandle, FetchedManifest, StorageError, Store, StoredManifest,
+};
+use crate::upstream::{BreakerState, Upstream, UpstreamDocument, UpstreamError};
+pub use flight::{ByteStream, Follower};
+use flight::{Fetch, Flights};
+use singleflight::Singleflight;
+
+/// Why a pull-through request could not be answered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    /// What the upstream answered or why it could not be asked.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The upstream's content failed verification; nothing was stored.
+    #[error("upstream sent invalid content: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Storage(Arc<StorageError>),
+    #[error("internal error in the pull-through cache")]
+    Internal,
+}
+
+impl CacheError {
+    fn internal() -> CacheError {
+        CacheError::Internal
+    }
+
+    fn io(e: std::io::Error) -> CacheError {
+        CacheError::Storage(Arc::new(StorageError::Io(e)))
+    }
+
+    fn is_gone(&self) -> bool {
+        matches!(self, CacheError::Upstream(UpstreamError::NotFound))
+    }
+}
+
+impl From<StorageError> for CacheError {
+    fn from(e: StorageError) -> CacheError {
+        CacheError::Storage(Arc::new(e))
+    }
+}
+
+/// How a manifest answer was obtained (for logs and metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// From the store, fresh.
+    Hit,
+    /// The upstream confirmed the stored answer (or gave a new one) just now.
+    Revalidated,
+    /// From the upstream, first time.
+    Fetched,
+    /// From the store although due for revalidation: the upstream could not confirm.
+    Stale,
+}
+
+/// A manifest ready to serve.
+pub struct ManifestAnswer {
+    pub manifest: StoredManifest,
+    pub source: Source,
+    /// Whether this request joined an upstream fetch another request started.
+    pub coalesced: bool,
+}
+
+/// A blob ready to serve.
+pub enum BlobAnswer {
+    /// Stored and linked to the repository.
+    Stored(BlobHandle),
+    /// Being downloaded; stream it as it arrives.
+    Streaming(Follower),
+    /// Not stored; the upstream says it has it (answer to HEAD without downloading).
+    Remote { size: u64 },
+}
+
+/// An upstream repository a request is for.
+pub struct Target<'a> {
+    /// Index into the configured upstreams.
+    pub index: usize,
+    /// The name at the upstream (`library/alpine`).
+    pub remote: &'a RepoName,
+    /// The local, canonical name (`docker.io/library/alpine`).
+    pub canonical: &'a RepoName,
+}
+
+struct Remote {
+    client: Upstream,
+    tag_ttl: Duration,
+    revalidate_wait: Duration,
+}
+
+type TagKey = (String, String, AcceptClass);
+type ManifestResult = Result<StoredManifest, CacheError>;
+
+/// The pull-through cache over every configured upstream.
+pub struct PullThrough {
+    store: Store,
+    remotes: Vec<Remote>,
+    tags: Arc<Singleflight<TagKey, ManifestResult>>,
+    manifests: Arc<Singleflight<(String, String), ManifestResult>>,
+    blobs: Arc<Flights>,
+    /// Notified whenever a download is committed.
+    committed: Arc<tokio::sync::Notify>,
+    metrics: Arc<Metrics>,
+}
+
+/// Every manifest media type, index types first: what we ask upstreams for on behalf of
+/// clients that accept indexes.
+const ACCEPT_ANY: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// Which answers a client's `Accept` header admits, and what to ask the upstream with.
+/// Clients that accept an index (or say nothing) get whatever the tag points to; the
+/// rare client that only takes single manifests is asked for with its own list.
+pub fn accept_class(accept: Option<&str>) -> (AcceptClass, String) {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return (AcceptClass::Any, ACCEPT_ANY.to_owned());
+    };
+    let types: Vec<&str> = accept
+        .split(',')
+        .map(|t| t.split(';').next().unwrap_or("").trim())
+        .collect();
+    if types
+        .iter()
+        .any(|t| matches!(*t, "*/*" | OCI_INDEX | DOCKER_LIST))
+    {
+        return (AcceptClass::Any, ACCEPT_ANY.to_owned());
+    }
+    let single: Vec<&str> = types
+        .into_iter()
+        .filter(|t| matches!(*t, OCI_MANIFEST | DOCKER_MANIFEST))
+        .collect();
+    if single.is_empty() {
+        return (AcceptClass::Any, ACCEPT_ANY.to_owned());
+    }
+    (AcceptClass::SingleOnly, single.join(", "))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// What a detached fetch task needs.
+#[derive(Clone)]
+struct FetchCtx {
+    store: Store,
+    client: Upstream,
+    remote: RepoName,
+    canonical: RepoName,
+}
+
+impl PullThrough {
+    /// Builds a client for every configured upstream.
+    pub fn new(
+        config: &Config,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<PullThrough, UpstreamError> {
+        let remotes = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                Ok(Remote {
+                    client: Upstream::new(u)?,
+                    tag_ttl: u.tag_ttl,
+                    revalidate_wait: u.revalidate_wait,
+                })
+            })
+            .collect::<Result<Vec<_>, UpstreamError>>()?;
+        Ok(PullThrough {
+            store,
+            remotes,
+            tags: Arc::default(),
+            manifests: Arc::default(),
+            blobs: Arc::default(),
+            committed: Arc::default(),
+            metrics,
+        })
+    }
+
+    /// The name of upstream `index`, for labels and logs.
+    pub fn upstream_name(&self, index: usize) -> &str {
+        self.remotes.get(index).map_or("-", |r| r.client.name())
+    }
+
+    fn ctx(&self, t: &Target<'_>) -> Result<(FetchCtx, &Remote), CacheError> {
+        let remote = self.remotes.get(t.index).ok_or(CacheError::Internal)?;
+        Ok((
+            FetchCtx {
+                store: self.store.clone(),
+                client: remote.client.clone(),
+                remote: t.remote.clone(),
+                canonical: t.canonical.clone(),
+            },
+            remote,
+        ))
+    }
+
+    /// The manifest `reference` names in the target repository.
+    pub async fn manifest(
+        &self,
+        t: &Target<'_>,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<ManifestAnswer, CacheError> {
+        match reference {
+            Reference::Digest(d) => self.manifest_by_digest(t, d).await,
+            Reference::Tag(tag) => self.manifest_by_tag(t, tag, accept).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        t: &Target<'_>,
+        digest: &Digest,
+    ) -> Result<ManifestAnswer, CacheError> {
+        let reference = Reference::Digest(digest.clone());
+        if let Some(manifest) = self.store.get_manifest(t.canonical, &reference).await? {
+            return Ok(ManifestAnswer {
+                manifest,
+                source: Source::Hit,
+                coalesced: false,
+            });
+        }
+        let (ctx, _) = self.ctx(t)?;
+        let key = (t.canonical.to_string(), digest.to_string());
+        let waiter = self.manifests.join(key, move || async move {
+            fetch_manifest(&ctx, &reference, ACCEPT_ANY, None).await
+        });
+        let coalesced = waiter.joined;
+        let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Internal))?;
+        Ok(ManifestAnswer {
+            manifest,
+            source: Source::Fetched,
+            coalesced,
+        })
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        t: &Target<'_>,
+        tag: &Tag,
+        accept: Option<&str>,
+    ) -> Result<ManifestAnswer, CacheError> {
+        let (class, upstream_accept) = accept_class(accept);
+        let (ctx, remote) = self.ctx(t)?;
+        let known = self.store.tag_freshness(t.canonical, tag, class).await?;
+        let stored = match &known {
+            Some(f) => {
+                self.store
+                    .get_manifest(t.canonical, &Reference::Digest(f.digest.clone()))
+                    .await?
+            }
+            None => None,
+        };
+        if let (Some(f), Some(manifest)) = (&known, &stored)
+            && now_secs() < f.validated_at.saturating_add(remote.tag_ttl.as_secs())
+        {
+            return Ok(ManifestAnswer {
+                manifest: manifest.clone(),
+                source: Source::Hit,
+                coalesced: false,
+            });
+        }
+        let key = (t.canonical.to_string(), tag.to_string(), class);
+        let known_digest = stored.as_ref().map(|m| m.digest.clone());
+        let tag = tag.clone();
+        let waiter = self.tags.join(key, move || async move {
+            resolve_tag(&ctx, &tag, class, &upstream_accept, known_digest).await
+        });
+        let coalesced = waiter.joined;
+        let Some(stale) = stored else {
+            let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Internal))?;
+            return Ok(ManifestAnswer {
+                manifest,
+                source: Source::Fetched,
+                coalesced,
+            });
+        };
+        let outcome = tokio::time::timeout(remote.revalidate_wait, waiter.wait()).await;
+        match outcome {
+            Ok(Some(Ok(manifest))) => Ok(ManifestAnswer {
+                manifest,
+                source: Source::Revalidated,
+                coalesced,
+            }),
+            Ok(Some(Err(e))) if e.is_gone() => Err(e),
+            Ok(Some(Err(e))) => {
+                tracing::info!(
+                    upstream = remote.client.name(),
+                    repo = %t.canonical,
+                    error = %e,
+                    "serving stale tag"
+                );
+                Ok(ManifestAnswer {
+                    manifest: stale,
+                    source: Source::Stale,
+                    coalesced,
+                })
+            }
+            Ok(None) | Err(_) => {
+                tracing::info!(
+                    upstream = remote.client.name(),
+                    repo = %t.canonical,
+                    "tag revalidation is slow; serving stale tag"
+                );
+                Ok(ManifestAnswer {
+                    manifest: stale,
+                    source: Source::Stale,
+                    coalesced,
+                })
+            }
+        }
+    }
+
+    /// The blob `digest` of the target repository. With `head`, a blob that is not
+    /// stored is only asked about, not downloaded.
+    pub async fn blob(
+        &self,
+        t: &Target<'_>,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<BlobAnswer, CacheError> {
+        if let Some(handle) = self.store.open_blob(t.canonical, digest).await? {
+            return Ok(BlobAnswer::Stored(handle));
+        }
+        let (ctx, _) = self.ctx(t)?;
+        if self.store.stored_blob_size(digest).await?.is_some() {
+            // Stored for another repository: serve it here only once the upstream
+            // confirms this repository has it.
+            ctx.client.head_blob(t.remote, digest).await?;
+            if self.store.link_confirmed(t.canonical, digest).await?
+                && let Some(handle) = self.store.open_blob(t.canonical, digest).await?
+            {
+                return Ok(BlobAnswer::Stored(handle));
+            }
+        }
+        if head {
+            let size = ctx.client.head_blob(t.remote, digest).await?;
+            return Ok(BlobAnswer::Remote { size });
+        }
+        let follower = self
+            .blobs
+            .follow(Fetch {
+                store: ctx.store,
+                upstream: ctx.client,
+                remote: ctx.remote,
+                canonical: ctx.canonical,
+                digest: digest.clone(),
+                committed: self.committed.clone(),
+            })
+            .await?;
+        Ok(BlobAnswer::Streaming(follower))
+    }
+
+    /// Sets the per-upstream health gauges (called when metrics are scraped).
+    pub fn export_health(&self, metrics: &Metrics) {
+        for r in &self.remotes {
+            let label = UpstreamLabels {
+                upstream: r.client.name().to_owned(),
+            };
+            let health = r.client.health();
+            let up = i64::from(health.breaker == BreakerState::Closed);
+            metrics.upstream_up.get_or_create(&label).set(up);
+            if let Some(remaining) = health.rate_limit_remaining {
+                let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
+                metrics
+                    .ratelimit_remaining
+                    .get_or_create(&label)
+                    .set(remaining);
+            }
+        }
+    }
+
+    /// Background upkeep until `shutdown`: flushes blob access times, and with a size
+    /// budget evicts least-recently-used upstream content after downloads and at least
+    /// every `interval`.
+    pub async fn maintain(
+        &self,
+        budget: Option<u64>,
+        interval: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let stopping = tokio::select! {
+                _ = self.committed.notified() => false,
+                _ = tokio::time::sleep(interval) => false,
+                _ = shutdown.cancelled() => true,
+            };
+            if let Err(e) = self.store.flush_access().await {
+                tracing::warn!(error = %e, "flushing blob access times failed");
+            }
+            if stopping {
+                return;
+            }
+            if let Some(budget) = budget {
+                match self.store.evict(budget).await {
+                    Ok(r) if r.evicted_blobs > 0 => {
+                        self.metrics.evicted_blobs.inc_by(r.evicted_blobs);
+                        self.metrics.evicted_bytes.inc_by(r.evicted_bytes);
+                        let left = r.stored_bytes - r.evicted_bytes;
+                        self.metrics
+                            .stored_bytes
+                            .set(i64::try_from(left).unwrap_or(i64::MAX));
+                        tracing::info!(
+                            evicted_blobs = r.evicted_blobs,
+                            evicted_bytes = r.evicted_bytes,
+                            stored_bytes = r.stored_bytes - r.evicted_bytes,
+                            budget,
+                            "evicted least recently used upstream blobs"
+                        );
+                    }
+                    Ok(r) => {
+                        self.metrics
+                            .stored_bytes
+                            .set(i64::try_from(r.stored_bytes).unwrap_or(i64::MAX));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "eviction failed"),
+                }
+            }
+        }
+    }
+
+    /// A small JSON document of the target repository (tag list, referrers), passed
+    /// through from the upstream.
+    pub async fn document(
+        &self,
+        t: &Target<'_>,
+        suffix: &str,
+    ) -> Result<UpstreamDocument, CacheError> {
+        let (ctx, _) = self.ctx(t)?;
+        Ok(ctx.client.document(t.remote, suffix).await?)
+    }
+}
+
+/// Asks the upstream what `tag` points to now. With a `known` digest, a HEAD that
+/// confirms it is enough.
+async fn resolve_tag(
+    ctx: &FetchCtx,
+    tag: &Tag,
+    class: AcceptClass,
+    accept: &str,
+    known: Option<Digest>,
+) -> ManifestResult {
+    let reference = Reference::Tag(tag.clone());
+    if let Some(known) = known {
+        match ctx
+            .client
+            .manifest(&ctx.remote, &reference, accept, true)
+            .await
+        {
+            Ok(head) if head.digest.as_ref() == Some(&known) => {
+                ctx.store
+                    .confirm_tag(&ctx.canonical, tag, class, &known)
+                    .await?;
+                if let Some(m) = ctx
+                    .store
+                    .get_manifest(&ctx.canonical, &Reference::Digest(known))
+                    .await?
+                {
+                    return Ok(m);
+                }
+            }
+            Ok(_) => {}
+            Err(UpstreamError::NotFound) => {
+                ctx.store.forget_upstream_tag(&ctx.canonical, tag).await?;
+                return Err(UpstreamError::NotFound.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let result = fetch_manifest(ctx, &reference, accept, Some((tag.clone(), class))).await;
+    if let Err(e) = &result
+        && e.is_gone()
+    {
+        ctx.store.forget_upstream_tag(&ctx.canonical, tag).await?;
+    }
+    result
+}
+
+/// GETs a manifest, verifies it against the digest asked for or announced, and stores it.
+async fn fetch_manifest(
+    ctx: &FetchCtx,
+    reference: &Reference,
+    accept: &str,
+    tag: Option<(Tag, AcceptClass)>,
+) -> ManifestResult {
+    let resp = ctx
+        .client
+        .manifest(&ctx.remote, reference, accept, false)
+        .await?;
+    let body = resp.body;
+    let digest = match (reference, &resp.digest) {
+        (Reference::Digest(d), _) => {
+            let actual = Digest::of(d.algorithm(), &body);
+            if &actual != d {
+                return Err(CacheError::Invalid(format!(
+                    "manifest {d} has digest {actual}"
+                )));
+            }
+            actual
+        }
+        (Reference::Tag(_), Some(announced)) => {
+            let actual = Digest::of(announced.algorithm(), &body);
+            if &actual != announced {
+                return Err(CacheError::Invalid(format!(
+                    "manifest announced as {announced} has digest {actual}"
+                )));
+            }
+            actual
+        }
+        (Reference::Tag(_), None) => Digest::sha256_of(&body),
+    };
+    let manifest = Manifest::parse(&body, resp.media_type.as_deref())
+        .or_else(|_| Manifest::parse(&body, None))
+        .map_err(|e| CacheError::Invalid(format!("manifest {digest}: {e}")))?;
+    let stored = StoredManifest {
+        digest: digest.clone(),
+        media_type: manifest.media_type.clone(),
+        body: body.clone(),
+    };
+    ctx.store
+        .put_fetched_manifest(FetchedManifest {
+            repo: ctx.canonical.clone(),
+            digest,
+            body,
+            manifest,
+            tag,
+        })
+        .await?;
+    Ok(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_classes() {
+        assert_eq!(accept_class(None).0, AcceptClass::Any);
+        assert_eq!(accept_class(Some("*/*")).0, AcceptClass::Any);
+        let containerd = "application/vnd.docker.distribution.manifest.v2+json, \
+            application/vnd.docker.distribution.manifest.list.v2+json, \
+            application/vnd.oci.image.manifest.v1+json, \
+            application/vnd.oci.image.index.v1+json, */*";
+        assert_eq!(accept_class(Some(containerd)).0, AcceptClass::Any);
+        let (class, up) = accept_class(Some(
+            "application/vnd.docker.distribution.manifest.v2+json; q=0.9",
+        ));
+        assert_eq!(class, AcceptClass::SingleOnly);
+        assert_eq!(up, DOCKER_MANIFEST);
+        assert_eq!(accept_class(Some("text/html")).0, AcceptClass::Any);
+    }
+}
