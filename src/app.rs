@@ -152,6 +152,18 @@ impl Daemon {
             let budget = config.storage.max_size;
             async move { cache.maintain(budget, MAINTENANCE_INTERVAL, shutdown).await }
         });
+        tokio::spawn({
+            let path = crate::admin::socket_path(&config);
+            let (store, config) = (store.clone(), config.clone());
+            let (revocations, shutdown) = (auth.revocations().clone(), shutdown.clone());
+            async move {
+                if let Err(e) =
+                    crate::admin::serve(path, store, config, revocations, shutdown).await
+                {
+                    tracing::error!(error = %e, "admin socket failed; CLI commands need the daemon stopped");
+                }
+            }
+        });
         let state = http::State::new(
             config.clone(),
             store,

@@ -7,11 +7,12 @@ use std::time::SystemTime;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+use crate::admin::{self, AdminRequest};
 use crate::auth::{
     Actions, KeyRequest, decode_unverified, issue_key, load_signing_key, write_issuer_pair,
 };
 use crate::config::{Config, DEFAULT_TOML, parse_duration};
-use crate::storage::Store;
+use crate::storage::{StorageError, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,7 +41,9 @@ pub enum Command {
     /// Issuer key pairs and signed API keys.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Remove blobs, manifests and uploads nothing references (daemon stopped).
+    /// Remove blobs, manifests and uploads nothing references.
+    ///
+    /// Works with the daemon running (through its admin socket) or stopped.
     ///
     /// Example: outpost gc --config /etc/outpost/outpost.toml
     Gc {
@@ -48,6 +51,8 @@ pub enum Command {
         config: PathBuf,
     },
     /// Verify every blob's digest and every reference; exits 1 on any problem.
+    ///
+    /// Works with the daemon running (through its admin socket) or stopped.
     ///
     /// Example: outpost fsck --config /etc/outpost/outpost.toml --repair
     Fsck {
@@ -137,8 +142,18 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     })
 }
 
-fn open_store(config: &Config) -> anyhow::Result<Store> {
-    Store::open(&config.storage.path, config.storage.db_cache).context("opening the store")
+/// Runs an admin command on the store: directly when no daemon holds it, else through
+/// the running daemon's admin socket.
+fn admin(config: &Config, request: AdminRequest) -> anyhow::Result<Outcome> {
+    let reply = match Store::open(&config.storage.path, config.storage.db_cache) {
+        Ok(store) => admin::execute(&store, config, None, &request)?,
+        Err(StorageError::Locked) => admin::request(&admin::socket_path(config), &request)?,
+        Err(e) => return Err(e).context("opening the store"),
+    };
+    Ok(Outcome {
+        stdout: reply.output,
+        failed: reply.failed,
+    })
 }
 
 /// Runs every command except `serve`.
@@ -223,57 +238,11 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
                 }
                 Err(_) => bail!("not a key or key id"),
             };
-            let store = open_store(&config)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let new = rt.block_on(store.revoke_key(&id))?;
-            Ok(Outcome::ok(if new {
-                format!("revoked {id}\n")
-            } else {
-                format!("{id} was already revoked\n")
-            }))
+            admin(&config, AdminRequest::Revoke { key_id: id })
         }
-        Command::Gc { config } => {
-            let config = load_config(Some(&config))?;
-            let store = open_store(&config)?;
-            let r = store.gc(config.storage.gc_grace, config.storage.upload_timeout)?;
-            Ok(Outcome::ok(format!(
-                "removed {} blob(s) ({} bytes), {} manifest(s), {} link(s), {} upload(s), {} stray file(s)\n",
-                r.blobs_removed,
-                r.bytes_freed,
-                r.manifests_removed,
-                r.links_removed,
-                r.uploads_removed,
-                r.stray_files_removed
-            )))
-        }
+        Command::Gc { config } => admin(&load_config(Some(&config))?, AdminRequest::Gc),
         Command::Fsck { config, repair } => {
-            let config = load_config(Some(&config))?;
-            let store = open_store(&config)?;
-            let r = store.fsck(repair)?;
-            let mut out = String::new();
-            for p in &r.problems {
-                out.push_str(&format!("problem: {p}\n"));
-            }
-            for o in &r.orphans {
-                out.push_str(&format!("unreferenced blob file (gc removes it): {o}\n"));
-            }
-            out.push_str(&format!(
-                "checked {} blob(s) and {} manifest(s): {} problem(s){}\n",
-                r.blobs_checked,
-                r.manifests_checked,
-                r.problems.len(),
-                if repair {
-                    format!(", {} record(s) repaired", r.repaired)
-                } else {
-                    String::new()
-                }
-            ));
-            Ok(Outcome {
-                stdout: out,
-                failed: !r.problems.is_empty() && !repair,
-            })
+            admin(&load_config(Some(&config))?, AdminRequest::Fsck { repair })
         }
     }
 }

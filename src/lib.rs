@@ -8,6 +8,7 @@
 //! - [`upstream`]: clients for upstream registries (token flow, redirects, timeouts,
 //!   circuit breaker).
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
+//! - [`admin`]: the local admin socket through which CLI commands reach a running daemon.
 //! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
 //!
 //! # Dependency direction
@@ -15,6 +16,7 @@
 //! or HTTP status codes. `upstream` speaks HTTP to registries but hides it: its API has no
 //! HTTP types or status codes, only classified errors. Nothing depends on `http` or `app`.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cache;

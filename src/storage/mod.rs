@@ -438,19 +438,15 @@ impl Store {
         .await
     }
 
-    /// Durably records a revoked API key id. Returns whether it was new.
-    pub async fn revoke_key(&self, id: &str) -> Result<bool, StorageError> {
-        let id = id.to_owned();
-        self.blocking(move |i| {
-            let txn = i.db.begin_write()?;
-            let new = txn
-                .open_table(REVOKED_KEYS)?
-                .insert(id.as_str(), now_secs())?
-                .is_none();
-            txn.commit()?;
-            Ok(new)
-        })
-        .await
+    /// Durably records a revoked API key id. Returns whether it was new. Blocking.
+    pub fn revoke_key_blocking(&self, id: &str) -> Result<bool, StorageError> {
+        let txn = self.inner.db.begin_write()?;
+        let new = txn
+            .open_table(REVOKED_KEYS)?
+            .insert(id, now_secs())?
+            .is_none();
+        txn.commit()?;
+        Ok(new)
     }
 
     /// Every revoked key id.

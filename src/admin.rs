@@ -1,0 +1,227 @@
+//! The local admin channel: state-changing commands (`key revoke`, `gc`, `fsck`) reach a
+//! running daemon through a unix socket in the storage directory, because redb allows
+//! one process per database (PRODUCT.md §7).
+//!
+//! The socket is created with mode 0600, so only the daemon's own user (and root) can
+//! use it: file permissions are the authentication. One JSON line each way per
+//! connection. The same [`execute`] runs the command whether the CLI opened the store
+//! itself (daemon stopped) or the daemon runs it on the CLI's behalf.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::RevocationSet;
+use crate::config::Config;
+use crate::storage::Store;
+
+/// Largest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A command for the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum AdminRequest {
+    Revoke { key_id: String },
+    Gc,
+    Fsck { repair: bool },
+}
+
+/// The command's output and whether it found problems.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminReply {
+    pub output: String,
+    pub failed: bool,
+}
+
+/// Where the admin socket of the store at `config` lives.
+pub fn socket_path(config: &Config) -> PathBuf {
+    config.storage.path.join("admin.sock")
+}
+
+/// Runs `request` against an open store. Blocking (gc and fsck read every blob).
+/// `revocations`, when given, is the running daemon's set, updated at once.
+pub fn execute(
+    store: &Store,
+    config: &Config,
+    revocations: Option<&RevocationSet>,
+    request: &AdminRequest,
+) -> anyhow::Result<AdminReply> {
+    match request {
+        AdminRequest::Revoke { key_id } => {
+            let new = store.revoke_key_blocking(key_id)?;
+            if let Some(set) = revocations {
+                set.revoke(key_id);
+            }
+            Ok(AdminReply {
+                output: if new {
+                    format!("revoked {key_id}\n")
+                } else {
+                    format!("{key_id} was already revoked\n")
+                },
+                failed: false,
+            })
+        }
+        AdminRequest::Gc => {
+            let r = store.gc(config.storage.gc_grace, config.storage.upload_timeout)?;
+            Ok(AdminReply {
+                output: format!(
+                    "removed {} blob(s) ({} bytes), {} manifest(s), {} link(s), {} upload(s), {} stray file(s)\n",
+                    r.blobs_removed,
+                    r.bytes_freed,
+                    r.manifests_removed,
+                    r.links_removed,
+                    r.uploads_removed,
+                    r.stray_files_removed
+                ),
+                failed: false,
+            })
+        }
+        AdminRequest::Fsck { repair } => {
+            let r = store.fsck(*repair)?;
+            let mut out = String::new();
+            for p in &r.problems {
+                out.push_str(&format!("problem: {p}\n"));
+            }
+            for o in &r.orphans {
+                out.push_str(&format!("unreferenced blob file (gc removes it): {o}\n"));
+            }
+            out.push_str(&format!(
+                "checked {} blob(s) and {} manifest(s): {} problem(s){}\n",
+                r.blobs_checked,
+                r.manifests_checked,
+                r.problems.len(),
+                if *repair {
+                    format!(", {} record(s) repaired", r.repaired)
+                } else {
+                    String::new()
+                }
+            ));
+            Ok(AdminReply {
+                output: out,
+                failed: !r.problems.is_empty() && !repair,
+            })
+        }
+    }
+}
+
+/// Serves the admin socket until `shutdown`. The socket file is replaced if left over
+/// (the caller holds the database lock, so no other daemon owns it) and removed at the end.
+pub async fn serve(
+    path: PathBuf,
+    store: Store,
+    config: std::sync::Arc<Config>,
+    revocations: RevocationSet,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let (store, config, revocations) = (store.clone(), config.clone(), revocations.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, store, config, revocations).await {
+                tracing::warn!(error = %e, "admin request failed");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn handle(
+    stream: UnixStream,
+    store: Store,
+    config: std::sync::Arc<Config>,
+    revocations: RevocationSet,
+) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await??;
+    let reply = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(request) => {
+            tracing::info!(command = ?command_name(&request), "admin command");
+            tokio::task::spawn_blocking(move || {
+                execute(&store, &config, Some(&revocations), &request)
+            })
+            .await?
+            .unwrap_or_else(|e| AdminReply {
+                output: format!("error: {e:#}\n"),
+                failed: true,
+            })
+        }
+        Err(e) => AdminReply {
+            output: format!("error: bad admin request: {e}\n"),
+            failed: true,
+        },
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+/// The command's name for the log (never its arguments).
+fn command_name(request: &AdminRequest) -> &'static str {
+    match request {
+        AdminRequest::Revoke { .. } => "revoke",
+        AdminRequest::Gc => "gc",
+        AdminRequest::Fsck { .. } => "fsck",
+    }
+}
+
+/// Sends `request` to the daemon listening on `path` and waits for its reply.
+pub fn request(path: &Path, request: &AdminRequest) -> anyhow::Result<AdminReply> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        anyhow::anyhow!(
+            "the store is in use by a running daemon, and its admin socket {} cannot be \
+             reached ({e}); run this as the daemon's user",
+            path.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    std::io::BufReader::new(stream).read_line(&mut reply)?;
+    Ok(serde_json::from_str(&reply)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_tagged_json() {
+        let r = AdminRequest::Revoke {
+            key_id: "ab12".into(),
+        };
+        let json = serde_json::to_string(&r).expect("serialize");
+        assert_eq!(json, r#"{"command":"revoke","key_id":"ab12"}"#);
+        assert_eq!(serde_json::from_str::<AdminRequest>(&json).ok(), Some(r));
+        assert_eq!(
+            serde_json::from_str::<AdminRequest>(r#"{"command":"fsck","repair":true}"#).ok(),
+            Some(AdminRequest::Fsck { repair: true })
+        );
+        assert!(serde_json::from_str::<AdminRequest>(r#"{"command":"rm -rf"}"#).is_err());
+    }
+}
