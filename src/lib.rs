@@ -7,6 +7,7 @@
 //! - [`auth`]: principals, signed API keys, tokens, access policy, revocation.
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
 //! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
+//! - [`systemd`]: sd_notify (ready, reload, stop, watchdog) and journald or stderr logs.
 //!
 //! # Dependency direction
 //! `oci` depends on nothing. Domain modules (`auth`, `storage`, ...) never see hyper types
@@ -19,3 +20,4 @@ pub mod config;
 pub mod http;
 pub mod oci;
 pub mod storage;
+pub mod systemd;
