@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::http::{self, Listeners, TlsSettings};
 use crate::metrics::Metrics;
 use crate::storage::Store;
+use crate::systemd::Notifier;
 
 /// How often access times are flushed and the size budget checked, at the latest.
 const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -227,22 +228,59 @@ impl Daemon {
         let _ = self.task.await;
     }
 
-    /// Serves until SIGTERM or SIGINT; SIGHUP reloads.
+    /// Serves until SIGTERM or SIGINT; SIGHUP reloads. Tells systemd (when it started us
+    /// with `Type=notify`) that we are ready, reloading and stopping, and pings its watchdog.
     #[cfg(unix)]
     pub async fn run_until_signalled(self) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
+        // Handlers first: after READY=1, `systemctl reload` may send SIGHUP at once, and
+        // SIGHUP's default action would end the process.
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        // `start` returned, so the store is open and the listeners are bound.
+        let notifier = Notifier::from_env();
+        let serving = self.serving_status();
+        notifier.ready(&serving);
+        let watchdog_stop = CancellationToken::new();
+        let watchdog = notifier.spawn_watchdog(watchdog_stop.clone());
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => self.reload(),
+                _ = hup.recv() => {
+                    notifier.reloading("reloading TLS certificates and revocation list");
+                    self.reload();
+                    notifier.ready(&serving);
+                }
             }
         }
         tracing::info!("shutting down");
+        notifier.stopping("draining connections");
         self.stop().await;
+        watchdog_stop.cancel();
+        if let Some(watchdog) = watchdog {
+            let _ = watchdog.await;
+        }
         Ok(())
+    }
+
+    /// The `STATUS=` line systemd shows while we serve.
+    fn serving_status(&self) -> String {
+        let addrs = |list: &[SocketAddr]| {
+            list.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (self.plain_addrs.is_empty(), self.tls_addrs.is_empty()) {
+            (false, true) => format!("serving on {}", addrs(&self.plain_addrs)),
+            (true, false) => format!("serving TLS on {}", addrs(&self.tls_addrs)),
+            _ => format!(
+                "serving on {}; TLS on {}",
+                addrs(&self.plain_addrs),
+                addrs(&self.tls_addrs)
+            ),
+        }
     }
 }

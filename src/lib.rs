@@ -10,6 +10,7 @@
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
 //! - [`admin`]: the local admin socket through which CLI commands reach a running daemon.
 //! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
+//! - [`systemd`]: sd_notify (ready, reload, stop, watchdog) and journald or stderr logs.
 //!
 //! # Dependency direction
 //! `oci` depends on nothing. Domain modules (`auth`, `storage`, ...) never see hyper types
@@ -27,4 +28,5 @@ pub mod metrics;
 pub mod namespace;
 pub mod oci;
 pub mod storage;
+pub mod systemd;
 pub mod upstream;

@@ -1,22 +1,11 @@
 //! The `outpost` binary: parses the command line, starts logging, loads configuration,
 //! calls into the library, and alone maps errors to exit codes.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use outpost::app::Daemon;
 use outpost::cli::{self, Cli, Command};
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
 
 fn serve(config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let config = cli::load_config(config.as_deref())?;
@@ -31,7 +20,8 @@ fn serve(config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // journald when systemd connected stderr to the journal, readable stderr lines otherwise.
+    outpost::systemd::init_logging();
     let result = match cli.command {
         Command::Serve { config } => serve(config).map(|()| None),
         other => cli::run(other).map(Some),
