@@ -308,55 +308,33 @@ async fn dispatch_upstream(
             .collect();
         (!values.is_empty()).then(|| values.join(", "))
     };
+    let Some(canonical) = route.scope().map(|(r, _)| r.clone()) else {
+        return Err(ApiError::internal("upstream route without a repository"));
+    };
+    let t = Target {
+        index,
+        remote,
+        canonical: &canonical,
+    };
     match route {
         Route::GetManifest {
-            repo,
-            reference,
-            head,
+            reference, head, ..
         } => {
-            let t = Target {
-                index,
-                remote,
-                canonical: &repo,
-            };
             let accept = header_str(header::ACCEPT);
             proxy::get_manifest(state, &t, &reference, head, accept.as_deref()).await
         }
-        Route::GetBlob { repo, digest, head } => {
-            let t = Target {
-                index,
-                remote,
-                canonical: &repo,
-            };
+        Route::GetBlob { digest, head, .. } => {
             let range = header_str(header::RANGE);
             proxy::get_blob(state, &t, &digest, head, range.as_deref()).await
         }
-        Route::Tags { repo, page } => {
-            let t = Target {
-                index,
-                remote,
-                canonical: &repo,
-            };
-            proxy::tags(state, &t, &page).await
-        }
+        Route::Tags { page, .. } => proxy::tags(state, &t, &page).await,
         Route::Referrers {
-            repo,
             digest,
             artifact_type,
-        } => {
-            let t = Target {
-                index,
-                remote,
-                canonical: &repo,
-            };
-            proxy::referrers(state, &t, &digest, artifact_type.as_deref()).await
-        }
-        other => Err(ApiError::denied(format!(
-            "{} belongs to an upstream registry; push to a hosted repository instead",
-            other
-                .scope()
-                .map(|(r, _)| r.to_string())
-                .unwrap_or_default()
+            ..
+        } => proxy::referrers(state, &t, &digest, artifact_type.as_deref()).await,
+        _ => Err(ApiError::denied(format!(
+            "{canonical} belongs to an upstream registry; push to a hosted repository instead"
         ))),
     }
 }
