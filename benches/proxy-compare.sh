@@ -2,14 +2,16 @@
 # Outpost vs distribution's proxy mode, side by side, in one run, against one upstream.
 #
 # What it measures (every process on 127.0.0.1, data in a temp dir, all stopped on exit):
-#   1. Warm large-blob GET throughput: after one warming GET through each proxy, GET_RUNS
+#   1. Blob GETs: the time of the first (cold) GET through each proxy, against the same
+#      GET straight from the upstream. Then warm throughput: after the warming GET, GET_RUNS
 #      sequential curl downloads of the big layer blob; the median in MB/s (10^6 bytes/s).
 #      nginx serving the same file is the ceiling, if nginx is installed. Also the CPU
 #      time each proxy spent per GET (from /proc/PID/stat), steadier on a busy machine.
 #   2. Manifests by tag, under load from CONNECTIONS connections for LOAD_SECONDS each:
 #      HEAD with ab (wrk 4.1 cannot finish a HEAD response that has a Content-Length),
 #      then GET with wrk; requests/s, p99 latency, errors, and how many requests the
-#      upstream received meanwhile (a fresh tag should cost a caching proxy none).
+#      upstream received meanwhile (a fresh tag should cost a caching proxy none), and
+#      the proxy's CPU time per request.
 #   3. Cold pull: fresh storage for both proxies, then `skopeo copy docker://… dir:…` of
 #      the test image straight from the upstream and through each proxy; the median
 #      wall time over COLD_RUNS rounds (each round restarts both proxies on empty storage).
@@ -31,7 +33,7 @@
 # optional, and openssl (if present) hashes downloads faster than sha256sum
 # (Debian: apt-get install -y docker-registry skopeo apache2-utils wrk nginx-light).
 # It runs `cargo build --release --locked` first (build time is not part of any figure);
-# a full run takes about 2–4 minutes on 2 cores, plus the build, and needs ~1.5 GiB of
+# a full run takes about 100 s on 2 cores, plus the build, and needs ~1.5 GiB of
 # free space in TMPDIR. Not part of CI or scripts/test: figures depend on the machine.
 #
 # Knobs (environment): LAYER_MIB=256 GET_RUNS=5 COLD_RUNS=3 LOAD_SECONDS=10 CONNECTIONS=32
@@ -108,15 +110,22 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A port nobody listens on right now (the race with other processes is acceptable here).
+# A port no socket uses right now (the race with other processes is acceptable here),
+# below the ephemeral range so that no outgoing connection can be holding it.
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+if ((EPHEMERAL_LOW < 12000)); then EPHEMERAL_LOW=32768; fi
 free_port() {
     local port
     while :; do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
+        port=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            continue
         fi
+        if command -v ss >/dev/null 2>&1 && [[ -n $(ss -Htan "( sport = :$port )") ]]; then
+            continue
+        fi
+        echo "$port"
+        return
     done
 }
 
@@ -136,6 +145,20 @@ forget_pid() {
         [[ $p == "$pid" ]] || kept+=("$p")
     done
     PIDS=("${kept[@]}")
+}
+
+# run_waiting OUT CMD…: runs CMD with its output in OUT, in the background, and waits for
+# it: a signal then reaches the traps at once instead of after CMD ends (bash defers traps
+# while a foreground command runs). Returns CMD's status.
+run_waiting() {
+    local out=$1 pid status=0
+    shift
+    "$@" >"$out" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait "$pid" || status=$?
+    forget_pid "$pid"
+    return "$status"
 }
 
 # wait_http URL PID NAME: until URL answers 200, at most 30 s, failing early if PID died.
@@ -496,37 +519,51 @@ head_digest() {
         die "$1: manifest HEAD gave Docker-Content-Digest '$digest', expected $MANIFEST_DIGEST"
 }
 
-# run_ab NAME URL: HEAD load; sets RPS, P99 (ms), BAD (failed + non-2xx), UPREQ.
+# cpu_per_request TICKS REQUESTS: microseconds of CPU per request.
+cpu_per_request() {
+    awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.0f", t * 1e6 / hz / n; else print "-" }'
+}
+
+# run_ab NAME URL PID: HEAD load; sets RPS, P99 (ms), BAD (failed + non-2xx), UPREQ, and
+# CPU_US (the CPU time PID spent per request, in microseconds).
 run_ab() {
-    local name=$1 url=$2 before out
+    local name=$1 url=$2 pid=$3 before out ticks
     head_digest "$name" "$url"
     sleep 0.5
     before=$(wc -l <"$UP_LOG")
+    ticks=$(cpu_ticks "$pid")
     # -n after -t: -t alone caps the run at 50000 requests. ab allocates 32 bytes per
     # request of -n up front, so allow for 200k requests/s and no more.
-    out=$(timeout $((LOAD_SECONDS + 60)) ab -q -k -i -c "$CONNECTIONS" -t "$LOAD_SECONDS" -n $((LOAD_SECONDS * 200000)) \
-        -e "$WORK/ab-$name.csv" -H "Accept: $ACCEPT" "$url") ||
-        die "$name: ab failed: $out"
-    echo "$out" >"$WORK/ab-$name.txt"
+    run_waiting "$WORK/ab-$name.txt" timeout $((LOAD_SECONDS + 60)) ab -q -k -i -c "$CONNECTIONS" \
+        -t "$LOAD_SECONDS" -n $((LOAD_SECONDS * 200000)) -e "$WORK/ab-$name.csv" \
+        -H "Accept: $ACCEPT" "$url" ||
+        die "$name: ab failed: $(cat "$WORK/ab-$name.txt")"
+    ticks=$(($(cpu_ticks "$pid") - ticks))
+    out=$(cat "$WORK/ab-$name.txt")
     sleep 0.5
     UPREQ=$(($(wc -l <"$UP_LOG") - before))
+    CPU_US=$(cpu_per_request "$ticks" "$(awk '/^Complete requests:/ { print $3 }' <<<"$out")")
     RPS=$(awk '/^Requests per second:/ { printf "%.0f", $4 }' <<<"$out")
     P99=$(awk -F, '$1 == "99" { printf "%.2f", $2 }' "$WORK/ab-$name.csv")
     BAD=$(awk '/^Failed requests:/ || /^Non-2xx responses:/ { n += $NF } END { print n + 0 }' <<<"$out")
     [[ -n $RPS && -n $P99 ]] || die "$name: could not read ab's output: $out"
 }
 
-# run_wrk NAME URL: GET load; sets RPS, P99 (ms), BAD (non-2xx + socket errors), UPREQ.
+# run_wrk NAME URL PID: GET load; sets RPS, P99 (ms), BAD (non-2xx + socket errors), UPREQ,
+# CPU_US.
 run_wrk() {
-    local name=$1 url=$2 before out
+    local name=$1 url=$2 pid=$3 before out ticks
     sleep 0.5
     before=$(wc -l <"$UP_LOG")
-    out=$(timeout $((LOAD_SECONDS + 60)) wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${LOAD_SECONDS}s" \
-        --latency -s "$WORK/get.lua" "$url") ||
-        die "$name: wrk failed: $out"
-    echo "$out" >"$WORK/wrk-$name.txt"
+    ticks=$(cpu_ticks "$pid")
+    run_waiting "$WORK/wrk-$name.txt" timeout $((LOAD_SECONDS + 60)) wrk -t"$WRK_THREADS" \
+        -c"$CONNECTIONS" -d"${LOAD_SECONDS}s" --latency -s "$WORK/get.lua" "$url" ||
+        die "$name: wrk failed: $(cat "$WORK/wrk-$name.txt")"
+    ticks=$(($(cpu_ticks "$pid") - ticks))
+    out=$(cat "$WORK/wrk-$name.txt")
     sleep 0.5
     UPREQ=$(($(wc -l <"$UP_LOG") - before))
+    CPU_US=$(cpu_per_request "$ticks" "$(awk '/ requests in / { print $1 }' <<<"$out")")
     RPS=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' <<<"$out")
     P99=$(awk '$1 == "99%" {
         v = $2; u = v; sub(/[a-z]+$/, "", v); sub(/^[0-9.]+/, "", u)
@@ -538,32 +575,33 @@ run_wrk() {
 }
 
 log "2. manifest HEAD (ab, ${LOAD_SECONDS}s) against Outpost"
-run_ab outpost "$OP_MANIFEST"
-OP_HRPS=$RPS OP_HP99=$P99 OP_HBAD=$BAD OP_HUP=$UPREQ
+run_ab outpost "$OP_MANIFEST" "$OP_PID"
+OP_HRPS=$RPS OP_HP99=$P99 OP_HBAD=$BAD OP_HUP=$UPREQ OP_HCPU=$CPU_US
 log "2. manifest HEAD (ab, ${LOAD_SECONDS}s) against distribution"
-run_ab distribution "$DP_MANIFEST"
-DP_HRPS=$RPS DP_HP99=$P99 DP_HBAD=$BAD DP_HUP=$UPREQ
+run_ab distribution "$DP_MANIFEST" "$DP_PID"
+DP_HRPS=$RPS DP_HP99=$P99 DP_HBAD=$BAD DP_HUP=$UPREQ DP_HCPU=$CPU_US
 log "2. manifest GET (wrk, ${LOAD_SECONDS}s) against Outpost"
-run_wrk outpost "$OP_MANIFEST"
-OP_GRPS=$RPS OP_GP99=$P99 OP_GBAD=$BAD OP_GUP=$UPREQ
+run_wrk outpost "$OP_MANIFEST" "$OP_PID"
+OP_GRPS=$RPS OP_GP99=$P99 OP_GBAD=$BAD OP_GUP=$UPREQ OP_GCPU=$CPU_US
 log "2. manifest GET (wrk, ${LOAD_SECONDS}s) against distribution"
-run_wrk distribution "$DP_MANIFEST"
-DP_GRPS=$RPS DP_GP99=$P99 DP_GBAD=$BAD DP_GUP=$UPREQ
+run_wrk distribution "$DP_MANIFEST" "$DP_PID"
+DP_GRPS=$RPS DP_GP99=$P99 DP_GBAD=$BAD DP_GUP=$UPREQ DP_GCPU=$CPU_US
 
 # ---------------------------------------------------------------------------- 3. cold pull
-# pull_time NAME REF: seconds for skopeo to copy REF into a fresh dir: layout.
+# pull_time NAME REF: sets PULL_SECS to the time skopeo takes to copy REF into a fresh
+# dir: layout.
 pull_time() {
     local name=$1 ref=$2 t0 t1
     rm -rf "$WORK/pull"
     t0=$(date +%s.%N)
-    timeout 300 skopeo --insecure-policy copy --quiet --src-tls-verify=false \
-        "docker://$ref" "dir:$WORK/pull" >"$WORK/skopeo-$name.log" 2>&1 ||
+    run_waiting "$WORK/skopeo-$name.log" timeout 300 skopeo --insecure-policy copy --quiet \
+        --src-tls-verify=false "docker://$ref" "dir:$WORK/pull" ||
         { cat "$WORK/skopeo-$name.log" >&2; die "$name: skopeo copy failed"; }
     t1=$(date +%s.%N)
     [[ $(sha256_hex <"$WORK/pull/$LAYER_SHA") == "$LAYER_SHA" ]] ||
         die "$name: pulled layer has the wrong digest"
     rm -rf "$WORK/pull"
-    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }'
+    PULL_SECS=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
 }
 
 log "3. cold pulls, $COLD_RUNS rounds (fresh storage for both proxies each round)"
@@ -574,9 +612,12 @@ dp_times=
 for ((round = 0; round < COLD_RUNS; round++)); do
     stop_proxies
     start_proxies
-    direct_times+=" $(pull_time direct "$UP_HOST/$REPO:$TAG")"
-    op_times+=" $(pull_time outpost "127.0.0.1:$OP_PORT/docker.io/$REPO:$TAG")"
-    dp_times+=" $(pull_time distribution "127.0.0.1:$DP_PORT/$REPO:$TAG")"
+    pull_time direct "$UP_HOST/$REPO:$TAG"
+    direct_times+=" $PULL_SECS"
+    pull_time outpost "127.0.0.1:$OP_PORT/docker.io/$REPO:$TAG"
+    op_times+=" $PULL_SECS"
+    pull_time distribution "127.0.0.1:$DP_PORT/$REPO:$TAG"
+    dp_times+=" $PULL_SECS"
 done
 DIRECT_PULL=$(median <<<"$direct_times")
 OP_PULL=$(median <<<"$op_times")
@@ -594,9 +635,11 @@ coalesce() {
     for ((i = 0; i < CONCURRENT; i++)); do
         (curl -fsS --max-time 300 "$url" | sha256_hex >"$WORK/co-$name/$i") 2>"$WORK/co-$name/$i.err" &
         pids+=("$!")
+        PIDS+=("$!")
     done
     for i in "${pids[@]}"; do
         wait "$i" || bad=$((bad + 1))
+        forget_pid "$i"
     done
     t1=$(date +%s.%N)
     for ((i = 0; i < CONCURRENT; i++)); do
@@ -652,12 +695,14 @@ row "first (cold) GET, s (direct $DIRECT_FIRST s)" "$OP_FIRST" "$DP_FIRST" "$(ra
 check "$OP_HRPS >= 2 * $DP_HRPS"
 row "manifest HEAD req/s (ab -c$CONNECTIONS)" "$OP_HRPS" "$DP_HRPS" "$(ratio "$OP_HRPS" "$DP_HRPS")" ">= 2x distribution" "$OK"
 row "  HEAD p99 latency, ms" "$OP_HP99" "$DP_HP99" "$(ratio "$OP_HP99" "$DP_HP99")" "-" "-"
+row "  server CPU per HEAD, us" "$OP_HCPU" "$DP_HCPU" "$(ratio "$OP_HCPU" "$DP_HCPU")" "-" "-"
 check "$OP_HBAD == 0"
 row "  HEAD failed/non-2xx" "$OP_HBAD" "$DP_HBAD" "-" "outpost 0" "$OK"
 check "$OP_HUP == 0"
 row "  upstream requests during HEAD run" "$OP_HUP" "$DP_HUP" "-" "outpost 0" "$OK"
 row "manifest GET req/s (wrk -c$CONNECTIONS)" "$OP_GRPS" "$DP_GRPS" "$(ratio "$OP_GRPS" "$DP_GRPS")" "-" "-"
 row "  GET p99 latency, ms" "$OP_GP99" "$DP_GP99" "$(ratio "$OP_GP99" "$DP_GP99")" "-" "-"
+row "  server CPU per GET, us" "$OP_GCPU" "$DP_GCPU" "$(ratio "$OP_GCPU" "$DP_GCPU")" "-" "-"
 check "$OP_GBAD == 0"
 row "  GET errors/non-2xx" "$OP_GBAD" "$DP_GBAD" "-" "outpost 0" "$OK"
 check "$OP_GUP == 0"
