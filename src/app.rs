@@ -30,6 +30,9 @@ pub struct Daemon {
     tls_addrs: Vec<SocketAddr>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Cache upkeep and the admin socket; awaited on stop so the last flush of access
+    /// times and the socket's removal finish before the runtime ends.
+    background: Vec<tokio::task::JoinHandle<()>>,
     tls: Option<TlsSettings>,
     auth: Authenticator,
     config: Arc<Config>,
@@ -148,12 +151,12 @@ impl Daemon {
                 .context("setting up upstream clients")?,
         );
         let shutdown = CancellationToken::new();
-        tokio::spawn({
+        let maintenance = tokio::spawn({
             let (cache, shutdown) = (cache.clone(), shutdown.clone());
             let budget = config.storage.max_size;
             async move { cache.maintain(budget, MAINTENANCE_INTERVAL, shutdown).await }
         });
-        tokio::spawn({
+        let admin = tokio::spawn({
             let path = crate::admin::socket_path(&config);
             let (store, config) = (store.clone(), config.clone());
             let (revocations, shutdown) = (auth.revocations().clone(), shutdown.clone());
@@ -185,6 +188,7 @@ impl Daemon {
             tls_addrs,
             shutdown,
             task,
+            background: vec![maintenance, admin],
             tls,
             auth,
             config,
@@ -226,6 +230,9 @@ impl Daemon {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+        for task in self.background {
+            let _ = task.await;
+        }
     }
 
     /// Serves until SIGTERM or SIGINT; SIGHUP reloads. Tells systemd (when it started us

@@ -88,7 +88,7 @@ impl Flights {
     pub async fn follow(self: &Arc<Self>, fetch: Fetch) -> Result<Follower, CacheError> {
         let key = (fetch.canonical.to_string(), fetch.digest.to_string());
         let (flight, joined) = {
-            let mut running = self.running.lock().map_err(|_| CacheError::internal())?;
+            let mut running = self.running.lock().map_err(|_| CacheError::Internal)?;
             match running.get(&key) {
                 Some(f) => (f.clone(), true),
                 None => {
@@ -130,7 +130,7 @@ impl Flights {
             let p = rx
                 .wait_for(|p| !matches!(p, Progress::Connecting))
                 .await
-                .map_err(|_| CacheError::internal())?;
+                .map_err(|_| CacheError::Internal)?;
             match &*p {
                 Progress::Receiving { size, .. } => *size,
                 Progress::Complete { size } => Some(*size),

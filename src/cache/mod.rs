@@ -26,7 +26,7 @@ use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, Manifest, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::storage::{
-    AcceptClass, BlobHandle, FetchedManifest, StorageError, Store, StoredManifest,
+    AcceptClass, BlobHandle, FetchedManifest, StorageError, Store, StoredManifest, now_secs,
 };
 use crate::upstream::{BreakerState, Upstream, UpstreamDocument, UpstreamError};
 pub use flight::{ByteStream, Follower};
@@ -49,10 +49,6 @@ pub enum CacheError {
 }
 
 impl CacheError {
-    fn internal() -> CacheError {
-        CacheError::Internal
-    }
-
     fn io(e: std::io::Error) -> CacheError {
         CacheError::Storage(Arc::new(StorageError::Io(e)))
     }
@@ -162,13 +158,6 @@ pub fn accept_class(accept: Option<&str>) -> (AcceptClass, String) {
         return (AcceptClass::Any, ACCEPT_ANY.to_owned());
     }
     (AcceptClass::SingleOnly, single.join(", "))
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 /// What a detached fetch task needs.

@@ -86,14 +86,8 @@ impl Store {
     /// Size of `digest` if its file is stored, whichever repository holds it.
     pub async fn stored_blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
         let digest = digest.clone();
-        self.blocking(move |i| {
-            let txn = i.db.begin_read()?;
-            match txn.open_table(BLOBS)?.get(digest.as_str())? {
-                Some(v) => Ok(Some(BlobRecord::decode(v.value())?.size)),
-                None => Ok(None),
-            }
-        })
-        .await
+        self.blocking(move |i| i.stored_size(&i.db.begin_read()?, &digest))
+            .await
     }
 
     /// Links a stored blob into `repo` because the upstream confirmed `repo` has it.
@@ -106,12 +100,7 @@ impl Store {
         let (repo, digest) = (repo.clone(), digest.clone());
         self.blocking(move |i| {
             let _guard = i.commit_lock.read().map_err(|_| StorageError::Task)?;
-            if i.db
-                .begin_read()?
-                .open_table(BLOBS)?
-                .get(digest.as_str())?
-                .is_none()
-            {
+            if i.stored_size(&i.db.begin_read()?, &digest)?.is_none() {
                 return Ok(false);
             }
             i.link(&repo, &digest, None, LinkOrigin::Upstream, None)?;

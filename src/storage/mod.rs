@@ -524,6 +524,15 @@ impl Inner {
         {
             return Ok(None);
         }
+        self.stored_size(&txn, digest)
+    }
+
+    /// Size of `digest` if its file is stored, whichever repository links it.
+    fn stored_size(
+        &self,
+        txn: &redb::ReadTransaction,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StorageError> {
         match txn.open_table(BLOBS)?.get(digest.as_str())? {
             Some(v) => Ok(Some(BlobRecord::decode(v.value())?.size)),
             None => Ok(None),
