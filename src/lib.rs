@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML file and its validation into an immutable `Config`.
 //! - [`storage`]: blob files, redb metadata, uploads, gc and fsck.
 //! - [`auth`]: principals, signed API keys, tokens, access policy, revocation.
+//! - [`central`]: cached central-registry logins: online checks, durable answers, grace.
 //! - [`upstream`]: clients for upstream registries (token flow, redirects, timeouts,
 //!   circuit breaker).
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cache;
+pub mod central;
 pub mod cli;
 pub mod config;
 pub mod http;

@@ -6,12 +6,19 @@
 //! [`Authenticator`] is the facade that layer uses; the submodules hold the parts:
 //! `keys` (issuer key files, API key format and verification), `token` (bearer tokens),
 //! `policy` (the pure decision function), `revocation` (revoked key ids), `throttle`
-//! (failed-authentication rate limiting) and `glob` (repository glob semantics).
+//! (failed-authentication rate limiting), `glob` (repository glob semantics) and
+//! `central` (the rules of cached central-registry logins).
+//!
+//! A user name and password that is not an API key belongs to a central-registry user.
+//! Checking one needs the network or the database, so [`Authenticator::identify`] hands
+//! it back unchecked as [`Identified::CentralLogin`]; `crate::central` checks it and only
+//! then makes a [`Principal::Central`]. Keys and tokens stay synchronous and fast.
 //!
 //! Invariant: `push` and `delete` are only ever granted by a signed API key's own scope,
 //! directly or through a token obtained with it; the policy refuses to grant them.
 
 mod action;
+pub mod central;
 mod glob;
 mod keys;
 mod policy;
@@ -29,6 +36,7 @@ use base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT;
 use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
 
 pub use action::{Action, Actions, UnknownAction};
+pub use central::{CentralLogin, CentralUser};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use glob::GlobError;
 pub use keys::{
@@ -54,6 +62,8 @@ pub enum Principal {
     Anonymous,
     Key(Arc<KeyClaims>),
     Token(Arc<TokenClaims>),
+    /// A central-registry user whose password was checked by `crate::central`.
+    Central(Arc<CentralUser>),
 }
 
 impl Principal {
@@ -63,17 +73,39 @@ impl Principal {
             Principal::Anonymous => "anonymous",
             Principal::Key(claims) => &claims.subject,
             Principal::Token(claims) => &claims.subject,
+            Principal::Central(user) => &user.name,
         }
     }
 
     /// The id of the API key behind this principal, if any.
     pub fn key_id(&self) -> Option<&str> {
         match self {
-            Principal::Anonymous => None,
+            Principal::Anonymous | Principal::Central(_) => None,
             Principal::Key(claims) => Some(&claims.id),
             Principal::Token(claims) => claims.key_id.as_deref(),
         }
     }
+
+    /// The central-registry user behind this principal (directly, or through a token
+    /// issued to one), whose pulls of central repositories need the central registry's
+    /// own yes as well.
+    pub fn central_user(&self) -> Option<&str> {
+        match self {
+            Principal::Central(user) => Some(&user.name),
+            Principal::Token(claims) if claims.central => Some(&claims.subject),
+            _ => None,
+        }
+    }
+}
+
+/// What the credentials of a request turned out to be.
+#[derive(Debug)]
+pub enum Identified {
+    /// Checked here and now: anonymous, an API key or a token.
+    Principal(Principal),
+    /// A central-registry user name and password, not checked yet: the caller checks
+    /// them (online or against the cache) before treating them as a principal.
+    CentralLogin(CentralLogin),
 }
 
 /// Why credentials were refused. Every variant means the client must present other
@@ -215,14 +247,29 @@ impl Authenticator {
 
     /// Identifies the caller from the `Authorization` header value, if any: `Bearer` with
     /// an API key or a token, or `Basic` whose password is an API key (the user name is
-    /// ignored). No header means anonymous.
+    /// ignored). No header means anonymous. Central-registry credentials are refused here;
+    /// callers that can check them use [`Authenticator::identify`].
     pub fn authenticate(
         &self,
         authorization: Option<&str>,
         now: SystemTime,
     ) -> Result<Principal, AuthError> {
+        match self.identify(authorization, now)? {
+            Identified::Principal(p) => Ok(p),
+            Identified::CentralLogin(_) => Err(AuthError::InvalidCredentials),
+        }
+    }
+
+    /// Like [`Authenticator::authenticate`], but a `Basic` user name and password that is
+    /// not an API key comes back unchecked as [`Identified::CentralLogin`].
+    pub fn identify(
+        &self,
+        authorization: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Identified, AuthError> {
+        let principal = |p: Result<Principal, AuthError>| p.map(Identified::Principal);
         let Some(header) = authorization else {
-            return Ok(Principal::Anonymous);
+            return Ok(Identified::Principal(Principal::Anonymous));
         };
         let (scheme, credentials) = header
             .trim()
@@ -231,9 +278,9 @@ impl Authenticator {
         let credentials = credentials.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
             if credentials.starts_with(API_KEY_PREFIX) {
-                self.api_key(credentials, now)
+                principal(self.api_key(credentials, now))
             } else if credentials.starts_with(TOKEN_PREFIX) {
-                self.token(credentials, now)
+                principal(self.token(credentials, now))
             } else {
                 Err(AuthError::InvalidCredentials)
             }
@@ -260,6 +307,12 @@ impl Authenticator {
             Principal::Token(claims) => claims
                 .grants_for(repo)
                 .union(read_only(policy.grants(Identity::Anonymous, repo))),
+            Principal::Central(user) => read_only(policy.grants(
+                Identity::Authenticated {
+                    user: Some(&user.name),
+                },
+                repo,
+            )),
         }
     }
 
@@ -276,7 +329,7 @@ impl Authenticator {
         let ttl = self.inner.token_ttl.as_secs().max(1);
         let mut expires_at = issued_at.saturating_add(ttl);
         match principal {
-            Principal::Anonymous => {}
+            Principal::Anonymous | Principal::Central(_) => {}
             Principal::Key(claims) => expires_at = expires_at.min(claims.expires_at),
             Principal::Token(claims) => expires_at = expires_at.min(claims.expires_at),
         }
@@ -298,6 +351,7 @@ impl Authenticator {
         let claims = TokenClaims {
             subject: principal.subject().to_owned(),
             key_id: principal.key_id().map(str::to_owned),
+            central: principal.central_user().is_some(),
             grants,
             issued_at,
             expires_at,
@@ -344,7 +398,7 @@ impl Authenticator {
         Ok(Principal::Token(Arc::new(claims)))
     }
 
-    fn basic(&self, credentials: &str, now: SystemTime) -> Result<Principal, AuthError> {
+    fn basic(&self, credentials: &str, now: SystemTime) -> Result<Identified, AuthError> {
         let decoded = Zeroizing::new(
             STANDARD_PAD_INDIFFERENT
                 .decode(credentials)
@@ -356,17 +410,22 @@ impl Authenticator {
             .split_once(':')
             .ok_or(AuthError::Malformed("Basic credentials have no password"))?;
         if password.starts_with(API_KEY_PREFIX) {
-            self.api_key(password, now)
+            self.api_key(password, now).map(Identified::Principal)
         } else {
             self.central_user(user, password)
         }
     }
 
-    /// Extension point for central-registry users (PRODUCT.md §5, "Locally cached
-    /// auth"): a password that is not an API key belongs to such a user, checked online
-    /// and then cached. Until that lands, no such user exists.
-    fn central_user(&self, _user: &str, _password: &str) -> Result<Principal, AuthError> {
-        Err(AuthError::InvalidCredentials)
+    /// A password that is not an API key belongs to a central-registry user (PRODUCT.md
+    /// §5, "Locally cached auth"); `crate::central` checks it.
+    fn central_user(&self, user: &str, password: &str) -> Result<Identified, AuthError> {
+        if !central::valid_user_name(user) || password.is_empty() {
+            return Err(AuthError::InvalidCredentials);
+        }
+        Ok(Identified::CentralLogin(CentralLogin {
+            user: user.to_owned(),
+            password: Secret::new(password),
+        }))
     }
 }
 

@@ -56,6 +56,9 @@ struct Payload {
     sub: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     kid: Option<String>,
+    /// Issued to a central-registry user (`sub` is the user name).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cu: bool,
     grants: Vec<(String, String)>,
     iat: u64,
     exp: u64,
@@ -67,6 +70,9 @@ pub struct TokenClaims {
     pub subject: String,
     /// The API key the token was obtained with, if any.
     pub key_id: Option<String>,
+    /// Issued to a central-registry user: pulls of central repositories also need that
+    /// user's cached central decision.
+    pub central: bool,
     pub grants: Vec<(RepoName, Actions)>,
     /// Unix seconds.
     pub issued_at: u64,
@@ -101,6 +107,7 @@ impl TokenSigner {
             v: PAYLOAD_VERSION,
             sub: claims.subject.clone(),
             kid: claims.key_id.clone(),
+            cu: claims.central,
             grants: claims
                 .grants
                 .iter()
@@ -162,6 +169,7 @@ impl TokenSigner {
         Ok(TokenClaims {
             subject: payload.sub,
             key_id: payload.kid,
+            central: payload.cu,
             grants,
             issued_at: payload.iat,
             expires_at: payload.exp,
@@ -196,6 +204,7 @@ mod tests {
         TokenClaims {
             subject: "ci-runner".to_owned(),
             key_id: Some("0123456789abcdef0123456789abcdef".to_owned()),
+            central: false,
             grants: grants
                 .iter()
                 .map(|(r, a)| (repo(r), Actions::parse_list(a).expect("valid")))
@@ -221,6 +230,7 @@ mod tests {
         assert_eq!(verified, issued);
         let anonymous = TokenClaims {
             key_id: None,
+            central: false,
             grants: vec![],
             ..issued
         };

@@ -116,7 +116,13 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub issuer_keys: Vec<PathBuf>,
+    /// The upstream (by name) whose users may log in here.
     pub central: Option<String>,
+    /// How long a central user's login or repository decision is used before the central
+    /// registry is asked again (while it answers).
+    pub central_ttl: Duration,
+    /// How long cached central decisions hold, since their last confirmation, while the
+    /// central registry cannot answer.
     pub offline_grace: Duration,
     pub revocation_file: Option<PathBuf>,
     pub token_ttl: Duration,
@@ -433,6 +439,11 @@ impl Validator {
         }
         AuthConfig {
             issuer_keys: raw.issuer_keys,
+            central_ttl: self.duration(
+                "auth.central_ttl",
+                raw.central_ttl.as_deref(),
+                Duration::from_secs(300),
+            ),
             offline_grace: self.duration(
                 "auth.offline_grace",
                 raw.offline_grace.as_deref(),
@@ -535,6 +546,7 @@ aliases = ["central.corp:5000"]
 [auth]
 issuer_keys = ["/etc/outpost/issuer.pub"]
 central = "central.corp"
+central_ttl = "2m"
 offline_grace = "7d"
 [[access]]
 repositories = ["docker.io/**"]
@@ -559,6 +571,9 @@ bandwidth = "10MiB/s"
             Some("central.corp")
         );
         assert_eq!(c.mirrors[0].bandwidth, Some(10 << 20));
+        assert_eq!(c.auth.central.as_deref(), Some("central.corp"));
+        assert_eq!(c.auth.central_ttl, Duration::from_secs(120));
+        assert_eq!(c.auth.offline_grace, Duration::from_secs(7 * 86400));
     }
 
     #[test]

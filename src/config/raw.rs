@@ -78,6 +78,7 @@ pub struct RawAuth {
     #[serde(default)]
     pub issuer_keys: Vec<PathBuf>,
     pub central: Option<String>,
+    pub central_ttl: Option<String>,
     pub offline_grace: Option<String>,
     pub revocation_file: Option<PathBuf>,
     pub token_ttl: Option<String>,

@@ -1,6 +1,6 @@
 //! The content store: verified blob files plus the redb metadata that says which
 //! repository may serve what (tags, manifests, repository → blob links, upload sessions,
-//! referrers, revoked keys).
+//! referrers, revoked keys, cached central-registry logins).
 //!
 //! Owns durability. Blob bytes are committed before the metadata that points at them, so
 //! a crash at any point leaves either nothing or a whole, verified blob; metadata never
@@ -8,6 +8,7 @@
 //! This module knows nothing of HTTP.
 
 mod cached;
+mod central;
 mod files;
 mod maintenance;
 mod schema;
@@ -29,7 +30,7 @@ use schema::*;
 
 pub use cached::{AcceptClass, EvictReport, FetchedManifest, TagFreshness};
 pub use maintenance::{FsckReport, GcReport};
-pub use schema::{LinkOrigin, ReferrerRecord};
+pub use schema::{CentralDecisionRecord, CentralUserRecord, LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
 
 /// A failure of the store itself (disk, database); always the server's fault.
@@ -203,6 +204,8 @@ impl Store {
             txn.open_table(REVOKED_KEYS)?;
             txn.open_table(UPSTREAM_TAGS)?;
             txn.open_table(BLOB_ACCESS)?;
+            txn.open_table(CENTRAL_USERS)?;
+            txn.open_table(CENTRAL_DECISIONS)?;
         }
         txn.commit()?;
         Ok(Store {

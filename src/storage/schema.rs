@@ -37,6 +37,13 @@ pub const UPSTREAM_TAGS: TableDefinition<(&str, &str, u8), &[u8]> =
 pub const BLOB_ACCESS: TableDefinition<&str, u64> = TableDefinition::new("blob_access");
 /// revoked API key id → time of revocation.
 pub const REVOKED_KEYS: TableDefinition<&str, u64> = TableDefinition::new("revoked_keys");
+/// central-registry user name → [`CentralUserRecord`]: the salted hash of the credential
+/// last confirmed online, and when.
+pub const CENTRAL_USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("central_users");
+/// (central user name, repository at the central registry) → [`CentralDecisionRecord`].
+/// The empty user name holds what the central registry serves anonymously.
+pub const CENTRAL_DECISIONS: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("central_decisions");
 
 const V1: u8 = 1;
 
@@ -237,9 +244,105 @@ impl ReferrerRecord {
     }
 }
 
+/// A central user's credential: `[v1][salt 16][hash 32][verified_at u64]`. The hash is an
+/// HMAC-SHA256 keyed by the salt (`auth::central::credential_hash`); never the password.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CentralUserRecord {
+    pub salt: [u8; 16],
+    pub hash: [u8; 32],
+    /// Unix seconds of the last online confirmation.
+    pub verified_at: u64,
+}
+
+impl std::fmt::Debug for CentralUserRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CentralUserRecord")
+            .field("verified_at", &self.verified_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CentralUserRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(57);
+        v.push(V1);
+        v.extend_from_slice(&self.salt);
+        v.extend_from_slice(&self.hash);
+        v.extend_from_slice(&self.verified_at.to_le_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<CentralUserRecord, DecodeError> {
+        const WHAT: &str = "central user";
+        check_version(b, WHAT)?;
+        let salt = b.get(1..17).and_then(|s| s.try_into().ok());
+        let hash = b.get(17..49).and_then(|s| s.try_into().ok());
+        match (salt, hash) {
+            (Some(salt), Some(hash)) => Ok(CentralUserRecord {
+                salt,
+                hash,
+                verified_at: u64_at(b, 49, WHAT)?,
+            }),
+            _ => Err(DecodeError(WHAT)),
+        }
+    }
+}
+
+/// The central registry's answer on one user pulling one repository:
+/// `[v1][allowed u8][confirmed_at u64]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CentralDecisionRecord {
+    pub allowed: bool,
+    /// Unix seconds of the central registry's last answer.
+    pub confirmed_at: u64,
+}
+
+impl CentralDecisionRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(10);
+        v.push(V1);
+        v.push(u8::from(self.allowed));
+        v.extend_from_slice(&self.confirmed_at.to_le_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<CentralDecisionRecord, DecodeError> {
+        const WHAT: &str = "central decision";
+        check_version(b, WHAT)?;
+        let allowed = match b.get(1) {
+            Some(0) => false,
+            Some(1) => true,
+            _ => return Err(DecodeError(WHAT)),
+        };
+        Ok(CentralDecisionRecord {
+            allowed,
+            confirmed_at: u64_at(b, 2, WHAT)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn central_records_round_trip_and_refuse_truncation() {
+        let u = CentralUserRecord {
+            salt: [1; 16],
+            hash: [2; 32],
+            verified_at: 99,
+        };
+        assert_eq!(CentralUserRecord::decode(&u.encode()).ok(), Some(u));
+        assert!(CentralUserRecord::decode(&u.encode()[..50]).is_err());
+        assert!(!format!("{u:?}").contains("2, 2"), "hash not shown");
+        let d = CentralDecisionRecord {
+            allowed: true,
+            confirmed_at: 7,
+        };
+        assert_eq!(CentralDecisionRecord::decode(&d.encode()).ok(), Some(d));
+        assert!(CentralDecisionRecord::decode(&[1, 2, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(CentralDecisionRecord::decode(&[1, 1, 0]).is_err());
+    }
 
     #[test]
     fn records_round_trip() {

@@ -6,11 +6,13 @@
 //! callers get [`UpstreamError`] classified by who failed and whether serving stale
 //! content can help — never a status code or a reqwest type. It stores nothing (the
 //! `cache` layer does) and verifies no digest (the caller hashes what it stores).
-//! Credentials and tokens never reach a log line or an error message.
+//! Credentials and tokens never reach a log line or an error message. `user` checks a
+//! central-registry user's own credentials and access (never fetching content with them).
 
 mod breaker;
 pub mod challenge;
 mod token;
+mod user;
 
 #[cfg(test)]
 mod tests;
@@ -39,6 +41,7 @@ use crate::config::UpstreamConfig;
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, Reference, RepoName};
 
 pub use self::breaker::BreakerState;
+pub use self::user::{LoginCheck, PullCheck, UserCredentials};
 
 /// Sent on every upstream request.
 pub const USER_AGENT: &str = concat!("outpost/", env!("CARGO_PKG_VERSION"));

@@ -140,16 +140,21 @@ fn fresh_for(ttl: Duration) -> Duration {
     ttl - (ttl / 10).min(Duration::from_secs(30))
 }
 
+/// The realm's URL, if credentials may be sent to it: https, or http when the registry
+/// itself is plain http.
+pub fn realm_url(realm: &BearerRealm, upstream_is_https: bool) -> Result<Url, String> {
+    let url = Url::parse(&realm.realm).map_err(|e| format!("token realm is not a URL ({e})"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        // Credentials must not go in clear text to a realm when the registry is on TLS.
+        "http" if !upstream_is_https => Ok(url),
+        other => Err(format!("token realm has scheme {other:?}, not https")),
+    }
+}
+
 /// The token request URL: the realm with `service` and `scope` added to its query.
 pub fn token_url(realm: &BearerRealm, scope: &str, upstream_is_https: bool) -> Result<Url, String> {
-    let mut url =
-        Url::parse(&realm.realm).map_err(|e| format!("token realm is not a URL ({e})"))?;
-    match url.scheme() {
-        "https" => {}
-        // Credentials must not go in clear text to a realm when the registry is on TLS.
-        "http" if !upstream_is_https => {}
-        other => return Err(format!("token realm has scheme {other:?}, not https")),
-    }
+    let mut url = realm_url(realm, upstream_is_https)?;
     {
         let mut q = url.query_pairs_mut();
         if let Some(service) = realm.service.as_deref().filter(|s| !s.is_empty()) {
