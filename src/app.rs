@@ -14,7 +14,9 @@ use crate::auth::{
     AuthSettings, Authenticator, DEFAULT_CAPACITY, DEFAULT_MAX_FAILURES, DEFAULT_WINDOW,
     FailureThrottle, RevocationSet, load_verifying_key, parse_revocation_file,
 };
+use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
 use crate::cache::PullThrough;
+use crate::central::CentralAuth;
 use crate::config::Config;
 use crate::http::{self, Listeners, TlsSettings};
 use crate::metrics::Metrics;
@@ -74,6 +76,35 @@ fn read_revocation_file(path: &Path) -> anyhow::Result<Vec<String>> {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("{}: {}", path.display(), lines.join("; "))
     })
+}
+
+/// Cached central-registry logins, when `auth.central` names an upstream. It shares that
+/// upstream's client (and so its circuit breaker) with the pull-through cache.
+fn central_auth(
+    config: &Config,
+    cache: &PullThrough,
+    store: &Store,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<CentralAuth>>> {
+    let Some(name) = &config.auth.central else {
+        return Ok(None);
+    };
+    let index = config
+        .upstreams
+        .iter()
+        .position(|u| &u.name == name)
+        .with_context(|| format!("auth.central: no upstream is named {name:?}"))?;
+    let client = cache
+        .client(index)
+        .with_context(|| format!("auth.central: no client for upstream {name:?}"))?;
+    let rules = CentralRules {
+        ttl: config.auth.central_ttl,
+        negative_ttl: DEFAULT_NEGATIVE_TTL,
+        offline_grace: config.auth.offline_grace,
+    };
+    let central = CentralAuth::new(client, index, store.clone(), rules, metrics.clone())
+        .map_err(|e| anyhow::anyhow!("no entropy for central login records: {e}"))?;
+    Ok(Some(Arc::new(central)))
 }
 
 async fn bind_all(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
@@ -150,6 +181,7 @@ impl Daemon {
             PullThrough::new(&config, store.clone(), metrics.clone())
                 .context("setting up upstream clients")?,
         );
+        let central = central_auth(&config, &cache, &store, &metrics)?;
         let shutdown = CancellationToken::new();
         let maintenance = tokio::spawn({
             let (cache, shutdown) = (cache.clone(), shutdown.clone());
@@ -175,6 +207,7 @@ impl Daemon {
             throttle,
             cache,
             metrics,
+            central,
         );
         let task = tokio::spawn(http::serve(state, listeners, tls.clone(), shutdown.clone()));
         for a in &plain_addrs {

@@ -203,6 +203,11 @@ impl PullThrough {
         self.remotes.get(index).map_or("-", |r| r.client.name())
     }
 
+    /// The client of upstream `index` (shared, so that its circuit breaker is too).
+    pub fn client(&self, index: usize) -> Option<Upstream> {
+        self.remotes.get(index).map(|r| r.client.clone())
+    }
+
     fn ctx(&self, t: &Target<'_>) -> Result<(FetchCtx, &Remote), CacheError> {
         let remote = self.remotes.get(t.index).ok_or(CacheError::Internal)?;
         Ok((

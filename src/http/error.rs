@@ -9,6 +9,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use super::route::RouteError;
 use crate::auth::AuthError;
 use crate::cache::CacheError;
+use crate::central::CentralError;
 use crate::oci::manifest::ManifestError;
 use crate::oci::{ErrorCode, NameError};
 use crate::storage::{PutManifestError, StorageError, UploadError};
@@ -104,6 +105,18 @@ impl ApiError {
             ErrorCode::SizeInvalid,
             format!("{what} is larger than the limit of {limit} bytes"),
         )
+    }
+}
+
+impl From<CentralError> for ApiError {
+    fn from(e: CentralError) -> ApiError {
+        match e {
+            CentralError::Storage(_) => ApiError::internal(e.to_string()),
+            e if e.is_login() => {
+                ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, e.to_string())
+            }
+            e => ApiError::denied(e.to_string()),
+        }
     }
 }
 

@@ -4,6 +4,11 @@
 //! Phases of every request, in order, all in [`handle`]: route → authenticate →
 //! authorize → serve → respond → log. Domain modules never see hyper types; this module
 //! adapts between them.
+//!
+//! Keys, tokens and the policy are checked synchronously. Only central-registry users
+//! (`crate::central`) take an async step: their login in `authenticate`, and the central
+//! registry's own say on pulls of its repositories in `authorize` (cached; online only
+//! when a decision is due).
 
 mod body;
 mod error;
@@ -22,8 +27,12 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::auth::{AuthError, Authenticator, FailureThrottle, Principal, Scope};
+use crate::auth::{
+    Action, AuthError, Authenticator, FailureThrottle, Identified, MAX_TOKEN_SCOPES, Principal,
+    Scope,
+};
 use crate::cache::{PullThrough, Target};
+use crate::central::{CentralAuth, CentralError, Puller};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::namespace::{self, Namespace, NamespaceError};
@@ -48,6 +57,8 @@ pub struct StateInner {
     throttle: FailureThrottle,
     cache: Arc<PullThrough>,
     metrics: Arc<Metrics>,
+    /// Cached central-registry logins, when `auth.central` names an upstream.
+    central: Option<Arc<CentralAuth>>,
     next_id: AtomicU64,
 }
 
@@ -66,6 +77,7 @@ impl State {
         throttle: FailureThrottle,
         cache: Arc<PullThrough>,
         metrics: Arc<Metrics>,
+        central: Option<Arc<CentralAuth>>,
     ) -> State {
         State {
             inner: Arc::new(StateInner {
@@ -75,6 +87,7 @@ impl State {
                 throttle,
                 cache,
                 metrics,
+                central,
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -107,9 +120,9 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
                 .get(*index)
                 .and_then(|u| HeaderValue::from_str(&u.name).ok());
         }
-        let principal = authenticate(&state, &req, peer)?;
+        let principal = authenticate(&state, &req, peer).await?;
         subject = principal.subject().to_owned();
-        authorize(&state, &route, &principal)?;
+        authorize(&state, &route, &namespace, &principal).await?;
         let ctx = Ctx { id, principal };
         match namespace {
             Namespace::Hosted => dispatch(&state, &ctx, route, req).await,
@@ -169,7 +182,7 @@ fn error_response(e: ApiError) -> Response<Body> {
     })
 }
 
-fn authenticate(
+async fn authenticate(
     state: &State,
     req: &Request<Incoming>,
     peer: SocketAddr,
@@ -194,17 +207,35 @@ fn authenticate(
     let value = value
         .to_str()
         .map_err(|_| ApiError::from(AuthError::Malformed("authorization header is not ASCII")))?;
-    match state.auth.authenticate(Some(value), SystemTime::now()) {
+    let identified = state
+        .auth
+        .identify(Some(value), SystemTime::now())
+        .map_err(ApiError::from);
+    let result = match identified {
+        Ok(Identified::Principal(p)) => Ok(p),
+        Ok(Identified::CentralLogin(login)) => match &state.central {
+            Some(central) => central
+                .login(&login)
+                .await
+                .map(|user| Principal::Central(Arc::new(user)))
+                .map_err(ApiError::from),
+            None => Err(ApiError::from(AuthError::InvalidCredentials)),
+        },
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(p) => {
             state.throttle.record_success(peer.ip());
             state.metrics.auth_result("accepted");
             Ok(p)
         }
-        Err(e) => {
-            state.throttle.record_failure(peer.ip(), now);
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+            state.throttle.record_failure(peer.ip(), Instant::now());
             state.metrics.auth_result("rejected");
-            Err(challenge(state, ApiError::from(e), None))
+            Err(challenge(state, e, None))
         }
+        // Our own failure (the login records), not the caller's.
+        Err(e) => Err(e),
     }
 }
 
@@ -224,13 +255,18 @@ fn challenge(state: &State, e: ApiError, scope: Option<String>) -> ApiError {
     }
 }
 
-fn authorize(state: &State, route: &Route, principal: &Principal) -> Result<(), ApiError> {
+async fn authorize(
+    state: &State,
+    route: &Route,
+    namespace: &Namespace,
+    principal: &Principal,
+) -> Result<(), ApiError> {
     let Some((repo, action)) = route.scope() else {
         // `/v2/` answers 401 to anonymous callers when credentials are possible, so that
         // clients run the token flow (docker, podman, skopeo all expect it).
         if matches!(route, Route::Base)
             && matches!(principal, Principal::Anonymous)
-            && state.auth.issuer_count() > 0
+            && (state.auth.issuer_count() > 0 || state.central.is_some())
         {
             return Err(challenge(
                 state,
@@ -244,18 +280,14 @@ fn authorize(state: &State, route: &Route, principal: &Principal) -> Result<(), 
         }
         return Ok(());
     };
-    if state.auth.allowed(principal, repo).contains(action) {
-        return Ok(());
-    }
-    state.metrics.auth_result("denied");
     // A push also needs pull (clients check blobs first); ask for both in the challenge.
     let wanted = match action {
-        crate::auth::Action::Pull => "pull",
-        crate::auth::Action::Push => "pull,push",
-        crate::auth::Action::Delete => "delete",
+        Action::Pull => "pull",
+        Action::Push => "pull,push",
+        Action::Delete => "delete",
     };
-    match principal {
-        Principal::Anonymous => Err(challenge(
+    let needs_credentials = || {
+        challenge(
             state,
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -263,13 +295,52 @@ fn authorize(state: &State, route: &Route, principal: &Principal) -> Result<(), 
                 "authentication required",
             ),
             Some(format!("repository:{repo}:{wanted}")),
-        )),
+        )
+    };
+    if state.auth.allowed(principal, repo).contains(action) {
+        return match central_gate(state, namespace, principal, action).await {
+            Ok(()) => Ok(()),
+            Err(_) if matches!(principal, Principal::Anonymous) => Err(needs_credentials()),
+            Err(e) if e.status == StatusCode::UNAUTHORIZED => Err(challenge(state, e, None)),
+            Err(e) => Err(e),
+        };
+    }
+    state.metrics.auth_result("denied");
+    match principal {
+        Principal::Anonymous => Err(needs_credentials()),
         _ => Err(ApiError::denied(format!(
             "{} may not {} {repo}",
             principal.subject(),
             action.as_str()
         ))),
     }
+}
+
+/// The central registry's own say on a pull of one of its repositories (PRODUCT.md §5):
+/// the policy allowing a pull is not enough for central users, anonymous callers and
+/// their tokens; the central registry (or its cached answer) must agree. API keys, and
+/// tokens obtained with them, carry their issuer's grant and need no such check.
+async fn central_gate(
+    state: &State,
+    namespace: &Namespace,
+    principal: &Principal,
+    action: Action,
+) -> Result<(), ApiError> {
+    let (Some(central), Namespace::Upstream { index, remote }) = (&state.central, namespace)
+    else {
+        return Ok(());
+    };
+    if !central.is_central(*index) || action != Action::Pull {
+        return Ok(());
+    }
+    let who = match principal {
+        Principal::Key(_) => return Ok(()),
+        Principal::Token(claims) if claims.key_id.is_some() => return Ok(()),
+        Principal::Token(claims) if claims.central => Puller::TokenOf(&claims.subject),
+        Principal::Token(_) | Principal::Anonymous => Puller::Anonymous,
+        Principal::Central(user) => Puller::User(user),
+    };
+    central.may_pull(who, remote).await.map_err(ApiError::from)
 }
 
 /// Resolves the route's repository to its namespace, rewriting it to the canonical
@@ -350,7 +421,7 @@ async fn dispatch(
         Route::Health => ok_json("{\"status\":\"ok\"}"),
         Route::Ready => ok_json("{\"status\":\"ready\"}"),
         Route::Metrics => metrics(state),
-        Route::Token { scopes } => token(state, ctx, &scopes),
+        Route::Token { scopes } => token(state, ctx, &scopes).await,
         Route::Catalog(page) => registry::catalog(state, ctx, &page).await,
         Route::GetManifest {
             repo,
@@ -414,9 +485,47 @@ fn ok_json(body: &'static str) -> Result<Response<Body>, ApiError> {
 }
 
 /// `GET /token`: exchanges the presented credentials (or none) for a short-lived token
-/// limited to the requested scopes that the caller is allowed.
-fn token(state: &State, ctx: &Ctx, scopes: &[String]) -> Result<Response<Body>, ApiError> {
-    let scopes: Vec<Scope> = scopes.iter().filter_map(|s| Scope::parse(s)).collect();
+/// limited to the requested scopes that the caller is allowed. For a central user, pulls
+/// of central repositories are granted only where the central registry agrees (asked now
+/// if its answer is due); the token then names the user as its subject.
+async fn token(state: &State, ctx: &Ctx, scopes: &[String]) -> Result<Response<Body>, ApiError> {
+    let mut scopes: Vec<Scope> = scopes
+        .iter()
+        .filter_map(|s| Scope::parse(s))
+        .take(MAX_TOKEN_SCOPES)
+        .collect();
+    if let (Some(central), Principal::Central(user)) = (&state.central, &ctx.principal) {
+        let mut kept = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            let remote = match namespace::resolve(&state.config, &scope.repo, None) {
+                Ok(r) => match r.namespace {
+                    Namespace::Upstream { index, remote } if central.is_central(index) => {
+                        Some(remote)
+                    }
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            let asks_pull = scope.actions.contains(Action::Pull)
+                && state
+                    .auth
+                    .allowed(&ctx.principal, &scope.repo)
+                    .contains(Action::Pull);
+            let Some(remote) = remote.filter(|_| asks_pull) else {
+                kept.push(scope);
+                continue;
+            };
+            match central.may_pull(Puller::User(user), &remote).await {
+                Ok(()) => kept.push(scope),
+                Err(e @ (CentralError::Storage(_) | CentralError::BadCredentials)) => {
+                    return Err(challenge(state, ApiError::from(e), None));
+                }
+                // Refused there: the token grants nothing on this repository.
+                Err(_) => {}
+            }
+        }
+        scopes = kept;
+    }
     let issued = state
         .auth
         .issue_token(&ctx.principal, &scopes, SystemTime::now());

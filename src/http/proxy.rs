@@ -38,10 +38,26 @@ pub async fn get_manifest(
         Source::Stale => "stale",
     };
     state.metrics.cache_result(upstream, "manifest", result);
+    if matches!(answer.source, Source::Fetched | Source::Revalidated) {
+        learn_anonymous(state, t);
+    }
     if answer.coalesced {
         state.metrics.coalesced(upstream);
     }
     manifest_response(answer.manifest, head)
+}
+
+/// The central registry just answered Outpost; if Outpost asked without credentials of
+/// its own, the repository is served anonymously there: remember it (in the background,
+/// off the response path) so that anonymous pulls keep working offline.
+fn learn_anonymous(state: &State, t: &Target<'_>) {
+    if let Some(central) = &state.central
+        && central.is_central(t.index)
+        && central.learns_anonymous()
+    {
+        let (central, remote) = (central.clone(), t.remote.clone());
+        tokio::spawn(async move { central.learn_anonymous(&remote).await });
+    }
 }
 
 fn manifest_error(e: CacheError, reference: &Reference) -> ApiError {
