@@ -712,6 +712,110 @@ mod tests {
     }
 
     #[test]
+    fn basic_with_a_plain_password_is_a_central_login_checked_elsewhere() {
+        let auth = authenticator(RevocationSet::default());
+        match auth.identify(Some(&basic("alice", "hunter2")), at(T0)) {
+            Ok(Identified::CentralLogin(login)) => {
+                assert_eq!(login.user, "alice");
+                assert_eq!(login.password.expose(), "hunter2");
+            }
+            other => panic!("expected a central login, got {other:?}"),
+        }
+        // Keys stay principals; names or passwords no central user can have are refused.
+        let (key, _) = issue(&signing_key(1), &["**"], "pull", 60);
+        assert!(matches!(
+            auth.identify(Some(&basic("x", key.expose())), at(T0)),
+            Ok(Identified::Principal(Principal::Key(_)))
+        ));
+        for (user, password) in [("", "pw"), ("alice", ""), ("a\u{1}b", "pw")] {
+            assert_eq!(
+                auth.identify(Some(&basic(user, password)), at(T0))
+                    .map(|_| ()),
+                Err(AuthError::InvalidCredentials),
+                "{user:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn central_user_gets_policy_pulls_only_and_tokens_name_the_user() {
+        let mut private = AccessRule {
+            repositories: vec!["central.corp/private/**".to_owned()],
+            ..AccessRule::default()
+        };
+        private.users.insert("alice".to_owned(), Actions::PULL);
+        let policy = Policy::new(vec![
+            AccessRule {
+                repositories: vec!["central.corp/team/**".to_owned()],
+                authenticated: Actions::PULL,
+                ..AccessRule::default()
+            },
+            private,
+        ])
+        .expect("valid policy");
+        let auth = Authenticator::new(
+            AuthSettings {
+                issuers: vec![],
+                token_secret: [9; 32],
+                token_ttl: Duration::from_secs(300),
+                policy,
+                service: "outpost.test".to_owned(),
+            },
+            RevocationSet::default(),
+        );
+        let user = |name: &str| {
+            Principal::Central(Arc::new(CentralUser {
+                name: name.to_owned(),
+                password: Secret::new("pw"),
+            }))
+        };
+        let (alice, bob) = (user("alice"), user("bob"));
+        assert_eq!(alice.subject(), "alice");
+        assert_eq!(alice.key_id(), None);
+        assert_eq!(alice.central_user(), Some("alice"));
+        assert_eq!(
+            auth.allowed(&alice, &repo("central.corp/team/app")),
+            Actions::PULL
+        );
+        assert_eq!(
+            auth.allowed(&alice, &repo("central.corp/private/app")),
+            Actions::PULL
+        );
+        assert_eq!(
+            auth.allowed(&bob, &repo("central.corp/private/app")),
+            Actions::NONE
+        );
+        assert_eq!(auth.allowed(&alice, &repo("hosted/app")), Actions::NONE);
+
+        let scopes = [Scope::parse("repository:central.corp/team/app:pull,push,delete")
+            .expect("scope")];
+        let issued = auth.issue_token(&alice, &scopes, at(T0));
+        let held = auth
+            .authenticate(Some(&bearer(issued.token.expose())), at(T0 + 1))
+            .expect("valid token");
+        assert_eq!(held.subject(), "alice");
+        assert_eq!(held.central_user(), Some("alice"));
+        assert_eq!(held.key_id(), None);
+        assert_eq!(
+            auth.allowed(&held, &repo("central.corp/team/app")),
+            Actions::PULL,
+            "central users never get push or delete"
+        );
+        // A token obtained with that token is still the central user's.
+        let again = auth.issue_token(&held, &scopes, at(T0 + 2));
+        let held = auth
+            .authenticate(Some(&bearer(again.token.expose())), at(T0 + 3))
+            .expect("valid token");
+        assert_eq!(held.central_user(), Some("alice"));
+        // An anonymous token is not a central user's, whatever its subject says.
+        let anonymous = auth.issue_token(&Principal::Anonymous, &[], at(T0));
+        let held = auth
+            .authenticate(Some(&bearer(anonymous.token.expose())), at(T0))
+            .expect("valid token");
+        assert_eq!(held.central_user(), None);
+    }
+
+    #[test]
     fn other_credentials_are_refused() {
         let auth = authenticator(RevocationSet::default());
         for header in [
