@@ -10,11 +10,11 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
 use crate::auth::{
     AuthSettings, Authenticator, DEFAULT_CAPACITY, DEFAULT_MAX_FAILURES, DEFAULT_WINDOW,
     FailureThrottle, RevocationSet, load_verifying_key, parse_revocation_file,
 };
-use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
 use crate::cache::PullThrough;
 use crate::central::CentralAuth;
 use crate::config::Config;

@@ -378,17 +378,19 @@ impl CentralAuth {
         repo: &str,
         now: u64,
     ) -> Result<Option<Result<(), CentralError>>, CentralError> {
-        Ok(match judge_repo(self.decision(key, repo).await?, now, &self.rules) {
-            RepoStep::Known(true) => {
-                self.count("central_cached");
-                Some(Ok(()))
-            }
-            RepoStep::Known(false) => {
-                self.count("central_denied");
-                Some(Err(self.denied(key, repo)))
-            }
-            RepoStep::Ask { .. } => None,
-        })
+        Ok(
+            match judge_repo(self.decision(key, repo).await?, now, &self.rules) {
+                RepoStep::Known(true) => {
+                    self.count("central_cached");
+                    Some(Ok(()))
+                }
+                RepoStep::Known(false) => {
+                    self.count("central_denied");
+                    Some(Err(self.denied(key, repo)))
+                }
+                RepoStep::Ask { .. } => None,
+            },
+        )
     }
 
     async fn anonymous_allows(&self, repo: &str, now: u64) -> Result<bool, CentralError> {

@@ -787,8 +787,8 @@ mod tests {
         );
         assert_eq!(auth.allowed(&alice, &repo("hosted/app")), Actions::NONE);
 
-        let scopes = [Scope::parse("repository:central.corp/team/app:pull,push,delete")
-            .expect("scope")];
+        let scopes =
+            [Scope::parse("repository:central.corp/team/app:pull,push,delete").expect("scope")];
         let issued = auth.issue_token(&alice, &scopes, at(T0));
         let held = auth
             .authenticate(Some(&bearer(issued.token.expose())), at(T0 + 1))

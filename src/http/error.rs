@@ -112,9 +112,11 @@ impl From<CentralError> for ApiError {
     fn from(e: CentralError) -> ApiError {
         match e {
             CentralError::Storage(_) => ApiError::internal(e.to_string()),
-            e if e.is_login() => {
-                ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, e.to_string())
-            }
+            e if e.is_login() => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                e.to_string(),
+            ),
             e => ApiError::denied(e.to_string()),
         }
     }

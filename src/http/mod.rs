@@ -326,8 +326,7 @@ async fn central_gate(
     principal: &Principal,
     action: Action,
 ) -> Result<(), ApiError> {
-    let (Some(central), Namespace::Upstream { index, remote }) = (&state.central, namespace)
-    else {
+    let (Some(central), Namespace::Upstream { index, remote }) = (&state.central, namespace) else {
         return Ok(());
     };
     if !central.is_central(*index) || action != Action::Pull {

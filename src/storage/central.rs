@@ -159,7 +159,10 @@ mod tests {
             })
         );
         assert_eq!(
-            store.central_decision("bob", "team/app").await.expect("read"),
+            store
+                .central_decision("bob", "team/app")
+                .await
+                .expect("read"),
             None
         );
         assert!(

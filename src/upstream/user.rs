@@ -65,7 +65,10 @@ impl Upstream {
 
     /// Checks a user's credentials: through the registry's token realm (a token request
     /// without a scope, as `docker login` does) or with Basic auth on `/v2/`.
-    pub async fn check_login(&self, creds: UserCredentials<'_>) -> Result<LoginCheck, UpstreamError> {
+    pub async fn check_login(
+        &self,
+        creds: UserCredentials<'_>,
+    ) -> Result<LoginCheck, UpstreamError> {
         let inner = &self.inner;
         let permit = inner.admit()?;
         let result = async {
@@ -84,13 +87,15 @@ impl Upstream {
                 None => return Err(inner.unexpected(&resp)),
             };
             match scheme {
-                Scheme::Bearer(realm) => inner
-                    .user_token(&realm, None, Some(creds))
-                    .await
-                    .map(|t| match t {
-                        Some(_) => LoginCheck::Valid,
-                        None => LoginCheck::Rejected,
-                    }),
+                Scheme::Bearer(realm) => {
+                    inner
+                        .user_token(&realm, None, Some(creds))
+                        .await
+                        .map(|t| match t {
+                            Some(_) => LoginCheck::Valid,
+                            None => LoginCheck::Rejected,
+                        })
+                }
                 Scheme::Basic => {
                     let resp = inner
                         .send(|| {

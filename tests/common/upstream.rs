@@ -46,6 +46,29 @@ pub struct UpstreamOptions {
     pub htpasswd: Option<(String, String)>,
     /// Blob GETs and HEADs answer 307 to a "CDN" server that serves the storage files.
     pub redirect: bool,
+    /// More users, besides `token_user` or the `htpasswd` user: with htpasswd, more lines
+    /// in the file (distribution lets every user pull and push everything); with
+    /// `token_auth`, users whose tokens carry `pull` only on the repositories they list.
+    pub users: Vec<UpstreamUser>,
+}
+
+/// A further user of an [`UpstreamRegistry`].
+#[derive(Clone, Debug)]
+pub struct UpstreamUser {
+    pub name: String,
+    pub password: String,
+    /// With `token_auth`: repository-name prefixes this user may pull (`""` for all).
+    pub pull: Vec<String>,
+}
+
+impl UpstreamUser {
+    pub fn new(name: &str, password: &str, pull: &[&str]) -> UpstreamUser {
+        UpstreamUser {
+            name: name.to_owned(),
+            password: password.to_owned(),
+            pull: pull.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
 }
 
 impl Default for UpstreamOptions {
@@ -57,6 +80,7 @@ impl Default for UpstreamOptions {
             token_expires_in: Some(300),
             htpasswd: None,
             redirect: false,
+            users: Vec::new(),
         }
     }
 }
@@ -128,9 +152,9 @@ impl UpstreamRegistry {
                 server.port(),
                 yaml_str(&cert)
             )
-        } else if let Some((user, password)) = &opts.htpasswd {
+        } else if let Some(main) = &opts.htpasswd {
             let file = dir.join("htpasswd");
-            std::fs::write(&file, bcrypt_htpasswd(user, password)).expect("write htpasswd");
+            write_htpasswd(&file, main, &opts.users);
             format!(
                 "auth:\n  htpasswd:\n    realm: {TOKEN_SERVICE}\n    path: {}\n",
                 yaml_str(&file)
@@ -290,6 +314,33 @@ impl UpstreamRegistry {
             "skopeo push to the upstream {reference}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Changes a user's password: with htpasswd, rewrites the file and restarts the
+    /// registry (it reads the file at start); with token auth, the token server takes the
+    /// new password at once.
+    pub fn set_password(&mut self, user: &str, password: &str) {
+        if let Some(u) = self.opts.users.iter_mut().find(|u| u.name == user) {
+            u.password = password.to_owned();
+        } else if let Some(main) = self.opts.htpasswd.as_mut().filter(|m| m.0 == user) {
+            main.1 = password.to_owned();
+        } else if self.opts.token_user.0 == user {
+            self.opts.token_user.1 = password.to_owned();
+        } else {
+            panic!("no upstream user {user:?}");
+        }
+        if let Some((_, state)) = &self.token {
+            if let Ok(mut users) = state.users.lock() {
+                *users = self.opts.users.clone();
+            }
+            if let Ok(mut main) = state.user.lock() {
+                *main = self.opts.token_user.clone();
+            }
+        }
+        if let Some(main) = &self.opts.htpasswd {
+            write_htpasswd(&self.dir.join("htpasswd"), main, &self.opts.users);
+            self.restart();
+        }
     }
 
     /// SIGTERM the registry (and take the token and CDN servers down): connections to all
@@ -482,6 +533,15 @@ fn yaml_str(path: &Path) -> String {
     serde_json::to_string(path.to_str().expect("utf-8 path")).expect("json string")
 }
 
+/// Writes the htpasswd file: the main user, then `users`.
+fn write_htpasswd(file: &Path, main: &(String, String), users: &[UpstreamUser]) {
+    let mut text = bcrypt_htpasswd(&main.0, &main.1);
+    for u in users {
+        text.push_str(&bcrypt_htpasswd(&u.name, &u.password));
+    }
+    std::fs::write(file, text).expect("write htpasswd");
+}
+
 /// An htpasswd line with a bcrypt hash, which docker-registry requires (`openssl passwd`
 /// cannot make bcrypt; apache2-utils' `htpasswd` can).
 fn bcrypt_htpasswd(user: &str, password: &str) -> String {
@@ -560,7 +620,8 @@ fn token_key() -> &'static TokenKey {
 
 struct TokenState {
     key: ring::signature::RsaKeyPair,
-    user: (String, String),
+    user: Mutex<(String, String)>,
+    users: Mutex<Vec<UpstreamUser>>,
     anonymous_pull: bool,
     expires_in: Option<u64>,
     requests: Mutex<Vec<TokenRequest>>,
@@ -575,7 +636,8 @@ fn start_token_server(opts: &UpstreamOptions) -> (HttpServer, Arc<TokenState>) {
         .expect("RSA key");
     let state = Arc::new(TokenState {
         key,
-        user: opts.token_user.clone(),
+        user: Mutex::new(opts.token_user.clone()),
+        users: Mutex::new(opts.users.clone()),
         anonymous_pull: opts.anonymous_pull,
         expires_in: opts.token_expires_in,
         requests: Mutex::default(),
@@ -641,19 +703,46 @@ async fn token_handler(state: Arc<TokenState>, req: Request<Incoming>) -> Respon
             });
         }
     };
-    let (user, allowed): (Option<String>, &[&str]) = match &credentials {
-        Some((u, p)) if *u == state.user.0 && *p == state.user.1 => {
-            (Some(u.clone()), &["pull", "push"])
+    let main = state.user.lock().map(|m| m.clone()).unwrap_or_default();
+    let extra = credentials.as_ref().and_then(|(u, p)| {
+        state
+            .users
+            .lock()
+            .ok()?
+            .iter()
+            .find(|x| x.name == *u && x.password == *p)
+            .cloned()
+    });
+    // Per repository name: the actions this caller may have there.
+    let (user, allowed): (
+        Option<String>,
+        Box<dyn Fn(&str) -> Vec<&'static str> + Send>,
+    ) = match (&credentials, extra) {
+        (Some((u, p)), _) if *u == main.0 && *p == main.1 => {
+            (Some(u.clone()), Box::new(|_| vec!["pull", "push"]))
         }
-        Some((u, _)) => {
+        (Some((u, _)), Some(x)) => (
+            Some(u.clone()),
+            Box::new(move |name: &str| {
+                if x.pull
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix.as_str()))
+                {
+                    vec!["pull"]
+                } else {
+                    vec![]
+                }
+            }),
+        ),
+        (Some((u, _)), None) => {
             record(Some(u.clone()), 401);
             return json(
                 StatusCode::UNAUTHORIZED,
                 &serde_json::json!({"details": "incorrect username or password"}),
             );
         }
-        None if state.anonymous_pull => (None, &["pull"]),
-        None => (None, &[]),
+        (None, _) if state.anonymous_pull => (None, Box::new(|_| vec!["pull"])),
+        (None, _) => (None, Box::new(|_| vec![])),
     };
     let access: Vec<serde_json::Value> = scopes
         .iter()
@@ -661,9 +750,10 @@ async fn token_handler(state: Arc<TokenState>, req: Request<Incoming>) -> Respon
             // `repository:NAME:ACTIONS`; NAME has no ':'.
             let (kind, rest) = scope.split_once(':')?;
             let (name, actions) = rest.rsplit_once(':')?;
+            let may = allowed(name);
             let granted: Vec<&str> = actions
                 .split(',')
-                .filter(|a| kind == "repository" && allowed.contains(a))
+                .filter(|a| kind == "repository" && may.contains(a))
                 .collect();
             Some(serde_json::json!({"type": kind, "name": name, "actions": granted}))
         })
