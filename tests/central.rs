@@ -272,9 +272,10 @@ async fn htpasswd_users_log_in_and_keep_pulling_offline_until_the_grace_ends() {
     // Past the grace, alice is refused too (bounded wait).
     let deadline = confirmed + Duration::from_secs(20);
     let refused_at = loop {
-        let (status, _) =
+        let (status, body) =
             manifest(&server, Some(&basic("alice", ALICE_PW)), "team/app", "v1").await;
         if refused(status) {
+            assert!(body.contains("expired"), "{body}");
             break confirmed.elapsed();
         }
         assert!(
@@ -332,7 +333,7 @@ async fn a_password_changed_centrally_is_refused_once_the_registry_answers() {
         },
     );
     seed(&central, dir.path(), "team/app", "v1", 2);
-    let server = outpost(
+    let mut server = outpost(
         dir.path(),
         &central,
         true,
@@ -357,33 +358,32 @@ async fn a_password_changed_centrally_is_refused_once_the_registry_answers() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert_eq!(
-        manifest(
-            &server,
-            Some(&basic("alice", "alice-new-pw-2")),
-            "team/app",
-            "v1"
-        )
-        .await
-        .0,
-        200
-    );
-
-    // Offline, well within the grace: the new password holds, the old one stays refused.
+    // The refusal deleted the cached hash for good: with the registry down and Outpost
+    // restarted (so no in-memory memory of the refusal helps), the old password is
+    // still refused, though the grace of its last confirmation has hours to run.
     central.stop();
+    server.stop();
+    let mut server = Server::start_with_config(&server.config);
+    let (status, body) = manifest(&server, Some(&old), "team/app", "v1").await;
+    assert_eq!(status, 401, "the old password came back offline: {body}");
+
+    // The new password works once the registry answers, and then offline too.
+    let new = basic("alice", "alice-new-pw-2");
+    central.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while manifest(&server, Some(&new), "team/app", "v1").await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the new password is not accepted online"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    central.stop();
+    assert_eq!(manifest(&server, Some(&new), "team/app", "v1").await.0, 200);
     assert_eq!(manifest(&server, Some(&old), "team/app", "v1").await.0, 401);
-    assert_eq!(
-        manifest(
-            &server,
-            Some(&basic("alice", "alice-new-pw-2")),
-            "team/app",
-            "v1"
-        )
-        .await
-        .0,
-        200
-    );
-    assert_no_secret(&server.logs(), &[ALICE_PW, "alice-new-pw-2", ROBOT.1]);
+    let logs = server.logs();
+    server.stop();
+    assert_no_secret(&logs, &[ALICE_PW, "alice-new-pw-2", ROBOT.1]);
 }
 
 /// Token-auth central registry whose token server grants per user: a user without access
@@ -441,7 +441,10 @@ async fn token_auth_decisions_are_per_user_and_survive_restart_offline() {
     assert_eq!(status, 403, "{body}");
     let (status, body) = manifest(&server, Some(&basic("bob", BOB_PW)), "team/app", "v1").await;
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains("DENIED"), "{body}");
+    assert!(
+        body.contains("DENIED") && body.contains("does not let bob pull team/app"),
+        "refused by the central registry's decision, not the policy: {body}"
+    );
     let (ok, err) = inspect(&server, Some(("bob", BOB_PW)), "other/thing:v1");
     assert!(ok, "bob pulls other/thing: {err}");
     let (status, _) = manifest(
