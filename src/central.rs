@@ -5,7 +5,8 @@
 //! Owns the state and the I/O around the pure rules of `auth::central`: an in-memory view
 //! of the `central_users` and `central_decisions` tables (read through on a miss, written
 //! through on every online answer), a short in-memory memory of refused credentials, and
-//! one lock per user so that concurrent requests of one user cause one online check.
+//! locks so that concurrent requests cause one online check per login or per user and
+//! repository.
 //! The user's credentials are used only to ask the central registry about that user;
 //! content is always fetched with Outpost's own upstream credentials (`cache`).
 //!
@@ -48,8 +49,8 @@ pub enum CentralError {
     #[error("invalid user name or password")]
     BadCredentials,
     #[error(
-        "the central registry {registry} cannot be reached to check these credentials, \
-         and they are not known here"
+        "the central registry {registry} cannot be reached (or gave no usable answer) to \
+         check these credentials, and they are not known here"
     )]
     Unverifiable { registry: String },
     #[error(
@@ -187,7 +188,7 @@ impl CentralAuth {
             return Ok(accepted());
         }
         // One online check per user at a time; whoever waited looks again first.
-        let _guard = self.user_lock(user).await;
+        let _guard = self.check_lock(user).await;
         let (matching, step) = self.login_step(user, password).await?;
         if step == LoginStep::Accept {
             self.count("central_cached");
@@ -265,8 +266,8 @@ impl CentralAuth {
         if let Some(known) = self.known(key, repo, now).await? {
             return known;
         }
-        // One online check per user at a time; whoever waited looks again first.
-        let _guard = self.user_lock(key).await;
+        // One online check per user and repository at a time; whoever waited looks again.
+        let _guard = self.check_lock(&format!("{key}\0{repo}")).await;
         let offline = match judge_repo(self.decision(key, repo).await?, now_secs(), &self.rules) {
             RepoStep::Known(_) => {
                 return self.known(key, repo, now_secs()).await?.unwrap_or(Ok(()));
@@ -530,8 +531,9 @@ impl CentralAuth {
         rejected.insert(key, now.saturating_add(self.rules.negative_ttl.as_secs()));
     }
 
-    /// The lock serializing online checks for one user (or anonymous).
-    async fn user_lock(&self, user: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    /// The lock serializing online checks of one key: a user name for logins, a user
+    /// name and repository for pulls.
+    async fn check_lock(&self, user: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let mutex = {
             let mut locks = lock(&self.locks);
             if locks.len() >= 1024 {

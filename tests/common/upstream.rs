@@ -618,6 +618,9 @@ fn token_key() -> &'static TokenKey {
     })
 }
 
+/// The actions a token holder may have on a repository, by name.
+type Grants = dyn Fn(&str) -> Vec<&'static str> + Send;
+
 struct TokenState {
     key: ring::signature::RsaKeyPair,
     user: Mutex<(String, String)>,
@@ -714,10 +717,7 @@ async fn token_handler(state: Arc<TokenState>, req: Request<Incoming>) -> Respon
             .cloned()
     });
     // Per repository name: the actions this caller may have there.
-    let (user, allowed): (
-        Option<String>,
-        Box<dyn Fn(&str) -> Vec<&'static str> + Send>,
-    ) = match (&credentials, extra) {
+    let (user, allowed): (Option<String>, Box<Grants>) = match (&credentials, extra) {
         (Some((u, p)), _) if *u == main.0 && *p == main.1 => {
             (Some(u.clone()), Box::new(|_| vec!["pull", "push"]))
         }
