@@ -305,3 +305,192 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+
+    use super::super::testserver::{Seen, TestServer, respond};
+    use super::*;
+    use crate::config::UpstreamConfig;
+
+    fn upstream(url: &str) -> Upstream {
+        Upstream::new(&UpstreamConfig {
+            name: "central.test".into(),
+            url: url.into(),
+            aliases: Vec::new(),
+            tag_ttl: std::time::Duration::from_secs(600),
+            username: None,
+            password_file: None,
+            ca: None,
+            connect_timeout: std::time::Duration::from_secs(2),
+            read_timeout: std::time::Duration::from_secs(5),
+            revalidate_wait: std::time::Duration::from_secs(2),
+            breaker_threshold: 3,
+            breaker_cooldown: std::time::Duration::from_secs(30),
+        })
+        .expect("upstream")
+    }
+
+    fn basic(user: &str, password: &str) -> String {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        format!("Basic {encoded}")
+    }
+
+    fn repo(name: &str) -> RepoName {
+        name.parse().expect("repo")
+    }
+
+    const PW: &str = "alice-pw-secret";
+
+    /// A tag-list answer by repository: team/ is readable, secret/ forbidden, the rest
+    /// unknown.
+    fn tags_answer(uri: &str) -> u16 {
+        if uri.starts_with("/v2/team/") {
+            200
+        } else if uri.starts_with("/v2/secret/") {
+            403
+        } else {
+            404
+        }
+    }
+
+    #[tokio::test]
+    async fn basic_registry_checks_logins_and_pulls() {
+        let registry = TestServer::start(|s: Seen| async move {
+            if s.header("authorization") != Some(basic("alice", PW).as_str()) {
+                return respond(401, &[("www-authenticate", "Basic realm=\"r\"")], "");
+            }
+            let status = if s.uri == "/v2/" {
+                200
+            } else {
+                tags_answer(&s.uri)
+            };
+            respond(status, &[], "{}")
+        })
+        .await;
+        let up = upstream(&registry.url());
+        let (good, bad) = (Secret::new(PW), Secret::new("wrong-pw-1"));
+        let alice = UserCredentials {
+            user: "alice",
+            password: &good,
+        };
+        let wrong = UserCredentials {
+            user: "alice",
+            password: &bad,
+        };
+        assert_eq!(up.check_login(alice).await, Ok(LoginCheck::Valid));
+        assert_eq!(up.check_login(wrong).await, Ok(LoginCheck::Rejected));
+        let pull = |c, r: &'static str| {
+            let up = up.clone();
+            async move { up.check_pull(c, &repo(r)).await }
+        };
+        assert_eq!(pull(Some(alice), "team/app").await, Ok(PullCheck::Allowed));
+        assert_eq!(pull(Some(alice), "secret/app").await, Ok(PullCheck::Denied));
+        assert_eq!(pull(Some(alice), "gone/app").await, Ok(PullCheck::NotFound));
+        assert_eq!(
+            pull(Some(wrong), "team/app").await,
+            Ok(PullCheck::BadCredentials)
+        );
+        assert_eq!(pull(None, "team/app").await, Ok(PullCheck::Denied));
+        assert!(
+            registry
+                .seen()
+                .iter()
+                .all(|s| s.method == reqwest::Method::GET)
+        );
+        registry.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bearer_registry_checks_through_the_realm_with_the_users_credentials() {
+        let realm = TestServer::start(|s: Seen| async move {
+            match s.header("authorization") {
+                Some(a) if a == basic("alice", PW) => respond(200, &[], r#"{"token":"tok-alice"}"#),
+                Some(_) => respond(401, &[], ""),
+                None => respond(200, &[], r#"{"token":"tok-anonymous"}"#),
+            }
+        })
+        .await;
+        let challenge = format!(r#"Bearer realm="{}/token",service="svc""#, realm.url());
+        let registry = TestServer::start(move |s: Seen| {
+            let challenge = challenge.clone();
+            async move {
+                if s.header("authorization") != Some("Bearer tok-alice") {
+                    return respond(401, &[("www-authenticate", challenge.as_str())], "");
+                }
+                respond(tags_answer(&s.uri), &[], "{}")
+            }
+        })
+        .await;
+        let up = upstream(&registry.url());
+        let (good, bad) = (Secret::new(PW), Secret::new("wrong-pw-2"));
+        let alice = UserCredentials {
+            user: "alice",
+            password: &good,
+        };
+        let wrong = UserCredentials {
+            user: "alice",
+            password: &bad,
+        };
+        assert_eq!(up.check_login(alice).await, Ok(LoginCheck::Valid));
+        assert_eq!(up.check_login(wrong).await, Ok(LoginCheck::Rejected));
+        assert_eq!(
+            up.check_pull(Some(alice), &repo("team/app")).await,
+            Ok(PullCheck::Allowed)
+        );
+        assert_eq!(
+            up.check_pull(Some(alice), &repo("secret/app")).await,
+            Ok(PullCheck::Denied)
+        );
+        assert_eq!(
+            up.check_pull(Some(wrong), &repo("team/app")).await,
+            Ok(PullCheck::BadCredentials)
+        );
+        // An anonymous token without access is refused by the registry: denied.
+        assert_eq!(
+            up.check_pull(None, &repo("team/app")).await,
+            Ok(PullCheck::Denied)
+        );
+        // The login asked for no scope and named the account; pulls asked for pull.
+        let tokens = realm.seen();
+        assert!(tokens[0].uri.contains("account=alice") && !tokens[0].uri.contains("scope="));
+        assert!(
+            tokens
+                .iter()
+                .any(|t| t.uri.contains("scope=repository%3Ateam%2Fapp%3Apull"))
+        );
+        registry.stop().await;
+        realm.stop().await;
+    }
+
+    #[tokio::test]
+    async fn outages_are_errors_that_never_show_the_password() {
+        let registry =
+            TestServer::start(|_| async move { respond(503, &[], "down for maintenance") }).await;
+        let up = upstream(&registry.url());
+        let password = Secret::new("pw-that-must-not-show");
+        let creds = UserCredentials {
+            user: "alice",
+            password: &password,
+        };
+        let err = up.check_login(creds).await.expect_err("outage");
+        assert!(err.is_outage(), "{err}");
+        let err = up
+            .check_pull(Some(creds), &repo("team/app"))
+            .await
+            .expect_err("outage");
+        assert!(err.is_outage(), "{err}");
+        assert!(!format!("{err} {err:?}").contains("pw-that-must-not-show"));
+        registry.stop().await;
+
+        // Nothing listening: unavailable, and the breaker opens after the threshold.
+        let gone = upstream("http://127.0.0.1:9");
+        for _ in 0..4 {
+            let err = gone.check_login(creds).await.expect_err("unreachable");
+            assert!(err.is_outage(), "{err}");
+        }
+        assert_eq!(gone.health().breaker, super::super::BreakerState::Open);
+    }
+}
