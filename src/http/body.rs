@@ -1,8 +1,10 @@
 //! Request and response bodies: bounded, idle-timed request streams, and blob files
 //! streamed from disk in large chunks.
 
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -90,43 +92,47 @@ pub fn stream(stream: ByteStream) -> Body {
     BodyExt::boxed_unsync(StreamBody::new(stream.map(|r| r.map(Frame::data))))
 }
 
-/// Streams `len` bytes of `file` starting at `offset`, reading on the blocking pool.
-pub fn file_body(file: std::fs::File, offset: u64, len: u64) -> Body {
-    let stream =
-        futures_util::stream::unfold(Some((file, offset, len, true)), |state| async move {
-            let (file, offset, remaining, first) = state?;
-            if remaining == 0 {
-                return None;
+/// A byte range of a stored blob file. A response whose body is exactly this range
+/// carries it as an extension, so that the connection may send it with `sendfile(2)`
+/// instead (see `zerocopy`).
+#[derive(Clone)]
+pub struct FileRange {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Streams `range` of its file, reading on the blocking pool.
+pub fn file_body(range: FileRange) -> Body {
+    let FileRange { file, offset, len } = range;
+    let stream = futures_util::stream::unfold(Some((file, offset, len)), |state| async move {
+        let (file, offset, remaining) = state?;
+        if remaining == 0 {
+            return None;
+        }
+        let want = remaining.min(FILE_CHUNK as u64);
+        let result = tokio::task::spawn_blocking(move || {
+            // `read_to_end` fills spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(FILE_CHUNK);
+            (&*file).seek(SeekFrom::Start(offset))?;
+            (&*file).take(want).read_to_end(&mut buf)?;
+            if (buf.len() as u64) < want {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file is shorter than recorded",
+                ));
             }
-            let want = usize::try_from(remaining.min(FILE_CHUNK as u64)).unwrap_or(FILE_CHUNK);
-            let result = tokio::task::spawn_blocking(move || {
-                let mut file = file;
-                if first {
-                    file.seek(SeekFrom::Start(offset))?;
-                }
-                let mut buf = vec![0u8; want];
-                let mut filled = 0;
-                while filled < want {
-                    let n = file.read(&mut buf[filled..])?;
-                    if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "blob file is shorter than recorded",
-                        ));
-                    }
-                    filled += n;
-                }
-                Ok((file, Bytes::from(buf)))
-            })
-            .await
-            .unwrap_or_else(|_| Err(io::Error::other("read task failed")));
-            match result {
-                Ok((file, bytes)) => {
-                    let left = remaining - bytes.len() as u64;
-                    Some((Ok(Frame::data(bytes)), Some((file, offset, left, false))))
-                }
-                Err(e) => Some((Err(e), None)),
+            Ok((file, Bytes::from(buf)))
+        })
+        .await
+        .unwrap_or_else(|_| Err(io::Error::other("read task failed")));
+        match result {
+            Ok((file, bytes)) => {
+                let next = (file, offset + want, remaining - want);
+                Some((Ok(Frame::data(bytes)), Some(next)))
             }
-        });
+            Err(e) => Some((Err(e), None)),
+        }
+    });
     BodyExt::boxed_unsync(StreamBody::new(stream))
 }

@@ -12,6 +12,7 @@ mod registry;
 pub mod route;
 mod server;
 mod tls;
+mod zerocopy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

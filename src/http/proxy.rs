@@ -2,13 +2,15 @@
 //! referrers through the pull-through cache. Pushes and deletes never get here (the
 //! pipeline refuses them for upstream namespaces).
 
+use std::sync::Arc;
+
 use http::header;
 use http::{Response, StatusCode};
 
 use super::State;
 use super::body::{self, Body};
 use super::error::ApiError;
-use super::registry::{self, blob_response, builder, finish, hv, manifest_response};
+use super::registry::{self, BlobContent, blob_response, builder, finish, hv, manifest_response};
 use super::route::Page;
 use crate::cache::{BlobAnswer, CacheError, Source, Target};
 use crate::oci::{Digest, Reference};
@@ -90,17 +92,25 @@ pub async fn get_blob(
     match answer {
         BlobAnswer::Stored(blob) => {
             let size = blob.size;
-            blob_response(digest, size, head, range, |start, len| {
-                body::file_body(blob.file, start, len)
-            })
+            blob_response(
+                digest,
+                size,
+                head,
+                range,
+                BlobContent::File(Arc::new(blob.file)),
+            )
         }
-        BlobAnswer::Remote { size } => {
-            blob_response(digest, size, true, range, |_, _| body::empty())
-        }
+        BlobAnswer::Remote { size } => blob_response(digest, size, true, range, BlobContent::Empty),
         BlobAnswer::Streaming(follower) => match follower.size {
-            Some(size) => blob_response(digest, size, head, range, |start, len| {
-                body::stream(follower.stream(start, Some(len)))
-            }),
+            Some(size) => blob_response(
+                digest,
+                size,
+                head,
+                range,
+                BlobContent::Stream(Box::new(move |start, len| {
+                    body::stream(follower.stream(start, Some(len)))
+                })),
+            ),
             // No length announced: stream it all, chunked.
             None => finish(
                 builder(StatusCode::OK)

@@ -2,11 +2,13 @@
 //! tags, referrers and catalog. Each takes validated route data and returns a response
 //! or an [`ApiError`]; none of them authenticates (the pipeline did).
 
+use std::sync::Arc;
+
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::body::{self, Body};
+use super::body::{self, Body, FileRange};
 use super::error::ApiError;
 use super::route::Page;
 use super::{Ctx, State};
@@ -239,18 +241,32 @@ pub async fn get_blob(
         .await?
         .ok_or_else(ApiError::blob_unknown)?;
     let size = blob.size;
-    blob_response(digest, size, head, range, |start, len| {
-        body::file_body(blob.file, start, len)
-    })
+    blob_response(
+        digest,
+        size,
+        head,
+        range,
+        BlobContent::File(Arc::new(blob.file)),
+    )
 }
 
-/// A blob answer of `size` bytes, honouring `Range`; `body(start, len)` makes the bytes.
+/// Where a blob answer's bytes come from.
+pub enum BlobContent {
+    /// A stored file, which the connection may send with `sendfile(2)`.
+    File(Arc<std::fs::File>),
+    /// A stream; the function makes the `(start, len)` range of it.
+    Stream(Box<dyn FnOnce(u64, u64) -> Body + Send>),
+    /// No body at all (a HEAD answered from a remote size).
+    Empty,
+}
+
+/// A blob answer of `size` bytes from `content`, honouring `Range`.
 pub fn blob_response(
     digest: &Digest,
     size: u64,
     head: bool,
     range: Option<&str>,
-    body: impl FnOnce(u64, u64) -> Body,
+    content: BlobContent,
 ) -> Result<Response<Body>> {
     let base = |status| -> Result<http::response::Builder> {
         Ok(builder(status)
@@ -284,14 +300,23 @@ pub fn blob_response(
             .with_header(header::CONTENT_RANGE, hv(&format!("bytes */{size}"))?));
         }
     };
-    finish(
-        b,
-        if head {
-            body::empty()
-        } else {
-            body(start, len)
-        },
-    )
+    if head {
+        return finish(b, body::empty());
+    }
+    match content {
+        BlobContent::File(file) => {
+            let range = FileRange {
+                file,
+                offset: start,
+                len,
+            };
+            let mut response = finish(b, body::file_body(range.clone()))?;
+            response.extensions_mut().insert(range);
+            Ok(response)
+        }
+        BlobContent::Stream(make) => finish(b, make(start, len)),
+        BlobContent::Empty => finish(b, body::empty()),
+    }
 }
 
 pub async fn delete_blob(
