@@ -11,13 +11,13 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::path::PathBuf;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::CacheError;
@@ -41,7 +41,7 @@ enum Progress {
         size: Option<u64>,
         written: u64,
     },
-    /// Verified and committed.
+    /// Verified: every byte may be served. The commit may still be running.
     Complete {
         size: u64,
     },
@@ -106,20 +106,25 @@ impl Flights {
                         if let Ok(mut running) = this.running.lock() {
                             running.remove(&key);
                         }
-                        let _ = tx.send(match result {
-                            Ok(size) => Progress::Complete { size },
-                            Err(e) => {
-                                let _ = tokio::fs::remove_file(&temp).await;
-                                tracing::warn!(
-                                    upstream = fetch.upstream.name(),
-                                    repo = %fetch.remote,
-                                    digest = %fetch.digest,
-                                    error = %e,
-                                    "blob download failed"
-                                );
-                                Progress::Failed(e)
-                            }
-                        });
+                        if let Err(e) = result {
+                            let _ = tokio::fs::remove_file(&temp).await;
+                            tracing::warn!(
+                                upstream = fetch.upstream.name(),
+                                repo = %fetch.remote,
+                                digest = %fetch.digest,
+                                error = %e,
+                                "blob download failed"
+                            );
+                            // Once verified, followers keep the verdict: the bytes they
+                            // read are right even if storing them failed.
+                            tx.send_if_modified(|p| {
+                                let verified = matches!(p, Progress::Complete { .. });
+                                if !verified {
+                                    *p = Progress::Failed(e);
+                                }
+                                !verified
+                            });
+                        }
                     });
                     (flight, false)
                 }
@@ -146,55 +151,124 @@ impl Flights {
     }
 }
 
+/// Chunks the network side may run ahead of the writer thread.
+const WRITE_QUEUE: usize = 64;
+
+impl Flights {
+    /// Waits until downloads of `digest` for any repository that are verified but still
+    /// committing have finished, so that a client who has the whole blob and asks again,
+    /// through whatever repository, finds it stored.
+    pub async fn settle(&self, digest: &Digest) {
+        let committing: Vec<_> = match self.running.lock() {
+            Ok(running) => running
+                .iter()
+                .filter(|((_, d), f)| {
+                    d == digest.as_str()
+                        && matches!(*f.progress.borrow(), Progress::Complete { .. })
+                })
+                .map(|(_, f)| f.progress.clone())
+                .collect(),
+            Err(_) => return,
+        };
+        for mut rx in committing {
+            // The leader drops its sender when the commit is over; nothing else ends this.
+            let _ = rx.wait_for(|_| false).await;
+        }
+    }
+}
+
 /// The leader: fetches, writes, hashes, verifies, commits. Returns the size.
+///
+/// The network side only receives; a blocking writer thread appends to the temp file,
+/// publishes progress and hashes, so receiving, writing and hashing overlap. Followers
+/// get the last byte as soon as the digest checks out: the commit (fsync, rename, redb)
+/// happens after that and is not on any client's path.
 async fn download(
     fetch: &Fetch,
-    temp: &PathBuf,
+    temp: &Path,
     tx: &watch::Sender<Progress>,
 ) -> Result<u64, CacheError> {
     let resp = fetch.upstream.blob(&fetch.remote, &fetch.digest, 0).await?;
-    let mut file = tokio::fs::File::create(temp)
-        .await
-        .map_err(CacheError::io)?;
+    let file = std::fs::File::create(temp).map_err(CacheError::io)?;
     let size = resp.size;
     tx.send_replace(Progress::Receiving { size, written: 0 });
-    let mut hasher = Hasher::new(fetch.digest.algorithm());
-    let mut written = 0u64;
+    let (chunks, queue) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let writer = {
+        let tx = tx.clone();
+        let algorithm = fetch.digest.algorithm();
+        tokio::task::spawn_blocking(move || write_file(file, queue, algorithm, size, &tx))
+    };
+    let mut received = 0u64;
     let mut body = resp.body;
+    let mut failure = None;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk?;
-        if size.is_some_and(|s| written + chunk.len() as u64 > s) {
-            return Err(CacheError::Invalid(
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(CacheError::from(e));
+                break;
+            }
+        };
+        received += chunk.len() as u64;
+        if size.is_some_and(|s| received > s) {
+            failure = Some(CacheError::Invalid(
                 "upstream sent more bytes than it announced".into(),
             ));
+            break;
         }
-        file.write_all(&chunk).await.map_err(CacheError::io)?;
-        // Wait for the write to land before telling followers the bytes are there.
-        file.flush().await.map_err(CacheError::io)?;
-        hasher.update(&chunk);
-        written += chunk.len() as u64;
-        tx.send_replace(Progress::Receiving { size, written });
+        if chunks.send(chunk).await.is_err() {
+            break; // The writer failed; its error is reported below.
+        }
     }
+    drop(chunks);
+    let written = writer
+        .await
+        .map_err(|_| CacheError::Internal)?
+        .map_err(CacheError::io);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let (actual, written) = written?;
     if size.is_some_and(|s| s != written) {
         return Err(CacheError::Invalid(format!(
             "upstream sent {written} bytes of an announced {}",
             size.unwrap_or_default()
         )));
     }
-    let actual = hasher.finish();
     if actual != fetch.digest {
         return Err(CacheError::Invalid(format!(
             "upstream sent content with digest {actual} for {}",
             fetch.digest
         )));
     }
-    drop(file);
+    // Verified: followers may have the last byte while the commit runs.
+    tx.send_replace(Progress::Complete { size: written });
     fetch
         .store
-        .commit_fetched(&fetch.canonical, temp.clone(), &fetch.digest, written)
+        .commit_fetched(&fetch.canonical, temp.to_path_buf(), &fetch.digest, written)
         .await?;
     fetch.committed.notify_one();
     Ok(written)
+}
+
+/// The writer thread: appends every chunk to `file`, tells followers, then hashes it.
+/// Returns the digest and length of what was written.
+fn write_file(
+    mut file: std::fs::File,
+    mut queue: tokio::sync::mpsc::Receiver<Bytes>,
+    algorithm: crate::oci::Algorithm,
+    size: Option<u64>,
+    tx: &watch::Sender<Progress>,
+) -> io::Result<(Digest, u64)> {
+    let mut hasher = Hasher::new(algorithm);
+    let mut written = 0u64;
+    while let Some(chunk) = queue.blocking_recv() {
+        file.write_all(&chunk)?;
+        written += chunk.len() as u64;
+        tx.send_replace(Progress::Receiving { size, written });
+        hasher.update(&chunk);
+    }
+    Ok((hasher.finish(), written))
 }
 
 impl Follower {
@@ -225,7 +299,7 @@ impl Follower {
 struct ReadState {
     flight: Arc<Flight>,
     rx: watch::Receiver<Progress>,
-    file: Option<tokio::fs::File>,
+    file: Option<std::fs::File>,
     pos: u64,
     end: Option<u64>,
 }
@@ -265,34 +339,39 @@ impl ReadState {
         }
     }
 
+    /// Reads up to [`CHUNK`] bytes below `limit` on the blocking pool.
     async fn read(&mut self, limit: u64) -> io::Result<Bytes> {
-        if self.file.is_none() {
-            let mut file = match tokio::fs::File::open(&self.flight.temp).await {
-                Ok(f) => f,
-                // Committed already: the same bytes under their final name.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    tokio::fs::File::open(&self.flight.committed).await?
-                }
-                Err(e) => return Err(e),
+        let file = self.file.take();
+        let (temp, committed) = (self.flight.temp.clone(), self.flight.committed.clone());
+        let (pos, want) = (self.pos, (limit - self.pos).min(CHUNK as u64));
+        let (file, buf) = tokio::task::spawn_blocking(move || {
+            let file = match file {
+                Some(f) => f,
+                None => match std::fs::File::open(&temp) {
+                    Ok(f) => f,
+                    // Committed already: the same bytes under their final name.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        std::fs::File::open(committed)?
+                    }
+                    Err(e) => return Err(e),
+                },
             };
-            file.seek(io::SeekFrom::Start(self.pos)).await?;
-            self.file = Some(file);
-        }
-        let want = usize::try_from((limit - self.pos).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let mut buf = BytesMut::zeroed(want);
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("no file"))?;
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
+            // `read_to_end` fills spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(CHUNK);
+            (&file).seek(io::SeekFrom::Start(pos))?;
+            (&file).take(want).read_to_end(&mut buf)?;
+            Ok((file, buf))
+        })
+        .await
+        .map_err(|_| io::Error::other("read task failed"))??;
+        if buf.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "download file is shorter than announced",
             ));
         }
-        buf.truncate(n);
-        self.pos += n as u64;
-        Ok(buf.freeze())
+        self.file = Some(file);
+        self.pos += buf.len() as u64;
+        Ok(Bytes::from(buf))
     }
 }
