@@ -2,18 +2,16 @@
 //! temp file while it is hashed, and read by every client that asked for it as the
 //! bytes arrive.
 //!
-//! The download is a detached task (the *leader*); each client is a *follower* reading
-//! the temp file up to the length the leader has published. On success the file is
-//! verified and committed (followers with the file open keep reading it after the
-//! rename); on failure followers get an error where the bytes stop. The last byte is
-//! only released once the whole blob is verified and committed, so no client ever
-//! receives a complete body that failed verification.
+//! The download is a detached task (the *leader*); each client is a *follower* sent
+//! ranges of the temp file up to the length the leader has published. On success the
+//! file is verified and then committed (followers with the file open keep reading it
+//! after the rename); on failure followers get an error where the bytes stop. The last
+//! byte is only released once the whole blob is verified, so no client ever receives a
+//! complete body that failed verification.
 
 use std::collections::HashMap;
-use std::io;
-use std::io::{Read, Seek, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -22,14 +20,8 @@ use tokio::sync::watch;
 
 use super::CacheError;
 use crate::oci::{Digest, Hasher, RepoName};
-use crate::storage::Store;
+use crate::storage::{FileRange, Store};
 use crate::upstream::Upstream;
-
-/// Bytes read from the growing file per chunk.
-const CHUNK: usize = 256 * 1024;
-
-/// A stream of body bytes for the HTTP layer.
-pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
 
 /// How a download stands.
 #[derive(Clone, Debug)]
@@ -152,7 +144,7 @@ impl Flights {
 }
 
 /// Chunks the network side may run ahead of the writer thread.
-const WRITE_QUEUE: usize = 64;
+const WRITE_QUEUE: usize = 16;
 
 impl Flights {
     /// Waits until downloads of `digest` for any repository that are verified but still
@@ -272,8 +264,13 @@ fn write_file(
 }
 
 impl Follower {
-    /// Streams bytes `start..start + len` (or to the end) as the download provides them.
-    pub fn stream(self, start: u64, len: Option<u64>) -> ByteStream {
+    /// The file ranges holding bytes `start..start + len` (or to the end), each yielded
+    /// as soon as the download has written it.
+    pub fn ranges(
+        self,
+        start: u64,
+        len: Option<u64>,
+    ) -> impl Stream<Item = io::Result<FileRange>> + Send + 'static {
         let end = len.map(|l| start + l);
         let state = ReadState {
             flight: self.flight.clone(),
@@ -282,30 +279,27 @@ impl Follower {
             pos: start,
             end,
         };
-        Box::pin(futures_util::stream::unfold(
-            Some(state),
-            |state| async move {
-                let mut state = state?;
-                match state.next_chunk().await {
-                    Ok(Some(bytes)) => Some((Ok(bytes), Some(state))),
-                    Ok(None) => None,
-                    Err(e) => Some((Err(e), None)),
-                }
-            },
-        ))
+        futures_util::stream::unfold(Some(state), |state| async move {
+            let mut state = state?;
+            match state.next_range().await {
+                Ok(Some(range)) => Some((Ok(range), Some(state))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
     }
 }
 
 struct ReadState {
     flight: Arc<Flight>,
     rx: watch::Receiver<Progress>,
-    file: Option<std::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     pos: u64,
     end: Option<u64>,
 }
 
 impl ReadState {
-    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+    async fn next_range(&mut self) -> io::Result<Option<FileRange>> {
         loop {
             let (available, done) = match &*self.rx.borrow_and_update() {
                 Progress::Connecting => (0, false),
@@ -315,8 +309,8 @@ impl ReadState {
                     return Err(io::Error::other(format!("upstream download failed: {e}")));
                 }
             };
-            // The last byte is held back until the digest is verified and the blob
-            // committed, so a client never holds a whole body that turns out wrong.
+            // The last byte is held back until the digest is verified, so a client
+            // never holds a whole body that turns out wrong.
             let available = if done {
                 available
             } else {
@@ -324,7 +318,14 @@ impl ReadState {
             };
             let limit = self.end.map_or(available, |e| e.min(available));
             if self.pos < limit {
-                return self.read(limit).await.map(Some);
+                let file = self.open().await?;
+                let range = FileRange {
+                    file,
+                    offset: self.pos,
+                    len: limit - self.pos,
+                };
+                self.pos = limit;
+                return Ok(Some(range));
             }
             if done || self.end.is_some_and(|e| self.pos >= e) {
                 return Ok(None);
@@ -339,39 +340,21 @@ impl ReadState {
         }
     }
 
-    /// Reads up to [`CHUNK`] bytes below `limit` on the blocking pool.
-    async fn read(&mut self, limit: u64) -> io::Result<Bytes> {
-        let file = self.file.take();
+    /// The download's file, opened on first use: the temp file, or the committed blob
+    /// once it has been renamed (the same bytes under their final name).
+    async fn open(&mut self) -> io::Result<Arc<std::fs::File>> {
+        if let Some(file) = &self.file {
+            return Ok(Arc::clone(file));
+        }
         let (temp, committed) = (self.flight.temp.clone(), self.flight.committed.clone());
-        let (pos, want) = (self.pos, (limit - self.pos).min(CHUNK as u64));
-        let (file, buf) = tokio::task::spawn_blocking(move || {
-            let file = match file {
-                Some(f) => f,
-                None => match std::fs::File::open(&temp) {
-                    Ok(f) => f,
-                    // Committed already: the same bytes under their final name.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        std::fs::File::open(committed)?
-                    }
-                    Err(e) => return Err(e),
-                },
-            };
-            // `read_to_end` fills spare capacity without zeroing it first.
-            let mut buf = Vec::with_capacity(CHUNK);
-            (&file).seek(io::SeekFrom::Start(pos))?;
-            (&file).take(want).read_to_end(&mut buf)?;
-            Ok((file, buf))
+        let file = tokio::task::spawn_blocking(move || match std::fs::File::open(&temp) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::File::open(committed),
+            other => other,
         })
         .await
-        .map_err(|_| io::Error::other("read task failed"))??;
-        if buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "download file is shorter than announced",
-            ));
-        }
-        self.file = Some(file);
-        self.pos += buf.len() as u64;
-        Ok(Bytes::from(buf))
+        .map_err(|_| io::Error::other("open task failed"))??;
+        let file = Arc::new(file);
+        self.file = Some(Arc::clone(&file));
+        Ok(file)
     }
 }

@@ -31,7 +31,7 @@ use crate::storage::{
     AcceptClass, BlobHandle, FetchedManifest, StorageError, Store, StoredManifest, now_secs,
 };
 use crate::upstream::{BreakerState, Upstream, UpstreamDocument, UpstreamError};
-pub use flight::{ByteStream, Follower};
+pub use flight::Follower;
 use flight::{Fetch, Flights};
 use fresh::FreshTags;
 use singleflight::Singleflight;

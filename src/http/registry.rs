@@ -8,14 +8,14 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::body::{self, Body, FileRange};
+use super::body::{self, Body, FileSender, RangeStream};
 use super::error::ApiError;
 use super::route::Page;
 use super::{Ctx, State};
 use crate::auth::Action;
 use crate::oci::manifest::{Manifest, OCI_INDEX};
 use crate::oci::{Digest, ErrorCode, MAX_MANIFEST_BYTES, Reference, RepoName};
-use crate::storage::{LinkOrigin, PutManifest, StoredManifest};
+use crate::storage::{FileRange, LinkOrigin, PutManifest, StoredManifest};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -234,6 +234,7 @@ pub async fn get_blob(
     digest: &Digest,
     head: bool,
     range: Option<&str>,
+    sender: &FileSender,
 ) -> Result<Response<Body>> {
     let blob = state
         .store
@@ -241,21 +242,17 @@ pub async fn get_blob(
         .await?
         .ok_or_else(ApiError::blob_unknown)?;
     let size = blob.size;
-    blob_response(
-        digest,
-        size,
-        head,
-        range,
-        BlobContent::File(Arc::new(blob.file)),
-    )
+    let content = BlobContent::File(Arc::new(blob.file));
+    blob_response(digest, size, head, range, content, sender)
 }
 
 /// Where a blob answer's bytes come from.
 pub enum BlobContent {
-    /// A stored file, which the connection may send with `sendfile(2)`.
+    /// A stored file.
     File(Arc<std::fs::File>),
-    /// A stream; the function makes the `(start, len)` range of it.
-    Stream(Box<dyn FnOnce(u64, u64) -> Body + Send>),
+    /// A download in flight; the function makes the file ranges of bytes
+    /// `start..start + len` as they arrive.
+    Ranges(Box<dyn FnOnce(u64, u64) -> RangeStream + Send>),
     /// No body at all (a HEAD answered from a remote size).
     Empty,
 }
@@ -267,6 +264,7 @@ pub fn blob_response(
     head: bool,
     range: Option<&str>,
     content: BlobContent,
+    sender: &FileSender,
 ) -> Result<Response<Body>> {
     let base = |status| -> Result<http::response::Builder> {
         Ok(builder(status)
@@ -304,17 +302,15 @@ pub fn blob_response(
         return finish(b, body::empty());
     }
     match content {
-        BlobContent::File(file) => {
-            let range = FileRange {
+        BlobContent::File(file) => finish(
+            b,
+            sender.file(FileRange {
                 file,
                 offset: start,
                 len,
-            };
-            let mut response = finish(b, body::file_body(range.clone()))?;
-            response.extensions_mut().insert(range);
-            Ok(response)
-        }
-        BlobContent::Stream(make) => finish(b, make(start, len)),
+            }),
+        ),
+        BlobContent::Ranges(make) => finish(b, sender.body(make(start, len))),
         BlobContent::Empty => finish(b, body::empty()),
     }
 }

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::body::FileRange;
+use super::body::FileSender;
 use super::tls::TlsSettings;
 use super::zerocopy::{FileQueue, SendfileStream};
 use super::{State, handle};
@@ -76,19 +76,14 @@ pub async fn serve(
         let peer = conn.peer;
         let files = FileQueue::default();
         let queue = matches!(conn.io, Io::Plain(_)).then(|| files.clone());
-        let svc = service_fn(move |req: Request<Incoming>| {
+        let svc = service_fn(move |mut req: Request<Incoming>| {
             let st = st.clone();
             // HTTP/2 frames may copy small payloads; only HTTP/1.x writes by reference.
-            let queue = queue.clone().filter(|_| req.version() <= Version::HTTP_11);
-            async move {
-                let mut response = handle(st, req, peer).await;
-                if let Some(queue) = queue
-                    && let Some(range) = response.extensions_mut().remove::<FileRange>()
-                {
-                    *response.body_mut() = queue.body(range);
-                }
-                Ok::<_, std::convert::Infallible>(response)
+            if let Some(queue) = queue.as_ref().filter(|_| req.version() <= Version::HTTP_11) {
+                req.extensions_mut()
+                    .insert(FileSender::Sendfile(queue.clone()));
             }
+            async move { Ok::<_, std::convert::Infallible>(handle(st, req, peer).await) }
         });
         match conn.io {
             Io::Plain(s) => {

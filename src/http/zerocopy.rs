@@ -22,11 +22,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use hyper::body::{Frame, SizeHint};
+use hyper::body::Frame;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::body::{Body, FileRange};
+use super::body::{Body, RangeStream};
+use crate::storage::FileRange;
 
 /// Largest chunk one placeholder frame stands for. The static buffer costs address
 /// space only: its pages are never touched.
@@ -62,22 +63,22 @@ impl FileQueue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A response body that sends `range` through this queue.
-    pub fn body(&self, range: FileRange) -> Body {
+    /// A response body that sends `ranges` through this queue.
+    pub fn body(&self, ranges: RangeStream) -> Body {
         http_body_util::BodyExt::boxed_unsync(PlaceholderBody {
             queue: self.clone(),
-            file: range.file,
-            offset: range.offset,
-            remaining: range.len,
+            ranges: Some(ranges),
+            current: None,
         })
     }
 }
 
 struct PlaceholderBody {
     queue: FileQueue,
-    file: Arc<File>,
-    offset: u64,
-    remaining: u64,
+    /// `None` once the ranges have ended.
+    ranges: Option<RangeStream>,
+    /// What is left of the range being sent.
+    current: Option<FileRange>,
 }
 
 impl hyper::body::Body for PlaceholderBody {
@@ -86,32 +87,43 @@ impl hyper::body::Body for PlaceholderBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         let this = self.get_mut();
-        if this.remaining == 0 {
-            return Poll::Ready(None);
+        loop {
+            if let Some(range) = this.current.as_mut().filter(|r| r.len > 0) {
+                let len = usize::try_from(range.len).map_or(CHUNK, |r| r.min(CHUNK));
+                this.queue.lock().push_back(Region {
+                    file: Arc::clone(&range.file),
+                    offset: range.offset,
+                    len,
+                    sent: 0,
+                });
+                range.offset += len as u64;
+                range.len -= len as u64;
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                    &PLACEHOLDER[..len],
+                )))));
+            }
+            let Some(ranges) = this.ranges.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(ranges.as_mut().poll_next(cx)) {
+                Some(Ok(range)) => this.current = Some(range),
+                Some(Err(e)) => {
+                    this.ranges = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    this.ranges = None;
+                    return Poll::Ready(None);
+                }
+            }
         }
-        let len = usize::try_from(this.remaining).map_or(CHUNK, |r| r.min(CHUNK));
-        this.queue.lock().push_back(Region {
-            file: Arc::clone(&this.file),
-            offset: this.offset,
-            len,
-            sent: 0,
-        });
-        this.offset += len as u64;
-        this.remaining -= len as u64;
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-            &PLACEHOLDER[..len],
-        )))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.remaining == 0
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
+        self.ranges.is_none() && self.current.as_ref().is_none_or(|r| r.len == 0)
     }
 }
 
@@ -270,7 +282,8 @@ mod tests {
         let mut stream = SendfileStream::new(server, queue.clone());
         let offset = 100u64;
         let len = content.len() as u64 - 200;
-        let mut body = queue.body(FileRange { file, offset, len });
+        let range = FileRange { file, offset, len };
+        let mut body = queue.body(Box::pin(futures_util::stream::iter([Ok(range)])));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.expect("read");

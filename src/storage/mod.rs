@@ -28,6 +28,7 @@ use files::BlobFiles;
 use schema::*;
 
 pub use cached::{AcceptClass, EvictReport, FetchedManifest, TagFreshness};
+pub use files::FileRange;
 pub use maintenance::{FsckReport, GcReport};
 pub use schema::{LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
