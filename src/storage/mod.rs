@@ -9,6 +9,7 @@
 
 mod cached;
 mod files;
+mod keys;
 mod maintenance;
 mod schema;
 mod uploads;
@@ -29,7 +30,7 @@ use schema::*;
 
 pub use cached::{AcceptClass, EvictReport, FetchedManifest, TagFreshness};
 pub use maintenance::{FsckReport, GcReport};
-pub use schema::{LinkOrigin, ReferrerRecord};
+pub use schema::{KeyRecord, LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
 
 /// A failure of the store itself (disk, database); always the server's fault.
@@ -201,6 +202,7 @@ impl Store {
             txn.open_table(REPOS)?;
             txn.open_table(UPLOADS)?;
             txn.open_table(REVOKED_KEYS)?;
+            txn.open_table(KNOWN_KEYS)?;
             txn.open_table(UPSTREAM_TAGS)?;
             txn.open_table(BLOB_ACCESS)?;
         }
