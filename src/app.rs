@@ -245,6 +245,13 @@ impl Daemon {
         for task in self.background {
             let _ = task.await;
         }
+        // After the drain, so the last requests' use of keys is recorded too.
+        let (usage, store) = (self.auth.key_usage().clone(), self.store.clone());
+        match tokio::task::spawn_blocking(move || keyring::flush_key_usage(&usage, &store)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "recording the last use of keys failed"),
+            Err(e) => tracing::warn!(error = %e, "recording the last use of keys failed"),
+        }
     }
 
     /// Serves until SIGTERM or SIGINT; SIGHUP reloads. Tells systemd (when it started us

@@ -253,15 +253,31 @@ async fn key_list_shows_known_and_revoked_keys_with_the_daemon_running_or_stoppe
     assert_eq!(s["subject"], serde_json::Value::Null);
     assert_eq!(s["revoked"], true);
 
-    // With the daemon stopped, the store is read directly: last use was flushed at stop.
+    // First use of the issued key after the last listing: only the flush at stop
+    // records it.
+    assert_eq!(
+        status(&server, "/v2/team/app/tags/list", Some(&issued)).await,
+        200
+    );
+
+    // With the daemon stopped, the store is read directly.
     server.stop();
     let (ok, stopped_table, err) = cli(&["key", "list", "--config", &config]);
     assert!(ok, "key list while stopped: {err}");
-    let pusher_row = stopped_table
-        .lines()
-        .find(|l| l.starts_with(&pusher_id))
-        .expect("pusher row");
+    let stopped_row = |id: &str| {
+        stopped_table
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("no row for {id} in:\n{stopped_table}"))
+            .to_owned()
+    };
+    let pusher_row = stopped_row(&pusher_id);
     assert!(!pusher_row.contains("never") && !pusher_row.ends_with(" no"));
+    let issued_row = stopped_row(&issued_id);
+    assert!(
+        !issued_row.contains("never"),
+        "flushed at stop: {issued_row}"
+    );
 
     // Issued with --config while stopped: recorded directly.
     let (ok, out, err) = cli(&[

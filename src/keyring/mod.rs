@@ -28,8 +28,9 @@ pub use watch::{Change, ChangeDetector, FileStamp};
 /// How often the revocation file is checked for changes.
 pub const REVOCATION_POLL: Duration = Duration::from_secs(2);
 
-/// How often the last use of keys is written to the store, at the latest. Also written at
-/// stop and before a listing, so the interval only bounds what a kill -9 loses.
+/// How often the last use of keys is written to the store, at the latest. Also written
+/// once the daemon has drained at stop, and before a listing, so the interval only bounds
+/// what a kill -9 loses.
 pub const USAGE_FLUSH: Duration = Duration::from_secs(30);
 
 /// The durable record of a key's claims.
@@ -112,7 +113,8 @@ pub fn reload_revocation_file(
 
 /// The daemon's key upkeep, until `shutdown`: polls the revocation file every
 /// [`REVOCATION_POLL`] and reloads it when it changed; flushes the use of keys every
-/// [`USAGE_FLUSH`] and once more at the end.
+/// [`USAGE_FLUSH`]. The last flush is the daemon's, after its requests have drained
+/// ([`flush_key_usage`]).
 pub async fn upkeep(
     auth: Authenticator,
     store: Store,
@@ -123,14 +125,26 @@ pub async fn upkeep(
     let mut detector = ChangeDetector::new(initial);
     let mut flushed = Instant::now();
     loop {
-        let stopping = tokio::select! {
-            _ = tokio::time::sleep(REVOCATION_POLL) => false,
-            _ = shutdown.cancelled() => true,
-        };
-        if let (Some(file), false) = (&file, stopping) {
-            check_revocation_file(file, &mut detector, &auth, &store).await;
+        tokio::select! {
+            _ = tokio::time::sleep(REVOCATION_POLL) => {}
+            _ = shutdown.cancelled() => return,
         }
-        if stopping || flushed.elapsed() >= USAGE_FLUSH {
+        if let Some(file) = &file {
+            // Off the executor: even a `stat` can hang on a network mount.
+            let (file, set, s, d) = (
+                file.clone(),
+                auth.revocations().clone(),
+                store.clone(),
+                detector.clone(),
+            );
+            match tokio::task::spawn_blocking(move || poll_revocation_file(&file, d, &set, &s))
+                .await
+            {
+                Ok(d) => detector = d,
+                Err(e) => tracing::error!(error = %e, "checking the revocation file failed"),
+            }
+        }
+        if flushed.elapsed() >= USAGE_FLUSH {
             let (usage, s) = (auth.key_usage().clone(), store.clone());
             match tokio::task::spawn_blocking(move || flush_key_usage(&usage, &s)).await {
                 Ok(Ok(_)) => {}
@@ -139,23 +153,22 @@ pub async fn upkeep(
             }
             flushed = Instant::now();
         }
-        if stopping {
-            return;
-        }
     }
 }
 
-async fn check_revocation_file(
+/// Reloads the revocation file if it changed since `detector` last looked; returns the
+/// detector, updated. Blocking.
+fn poll_revocation_file(
     file: &Path,
-    detector: &mut ChangeDetector,
-    auth: &Authenticator,
+    mut detector: ChangeDetector,
+    revocations: &RevocationSet,
     store: &Store,
-) {
+) -> ChangeDetector {
     let stamp = match FileStamp::read(file) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(file = %file.display(), error = %e, "cannot check the revocation file");
-            return;
+            return detector;
         }
     };
     match detector.observe(stamp) {
@@ -164,20 +177,12 @@ async fn check_revocation_file(
             file = %file.display(),
             "revocation file removed; every revocation stays in force"
         ),
-        Change::Modified => {
-            let (file, set, store) = (file.to_owned(), auth.revocations().clone(), store.clone());
-            let done =
-                tokio::task::spawn_blocking(move || reload_revocation_file(&file, &set, &store))
-                    .await;
-            match done {
-                Ok(Ok(added)) => tracing::info!(added, "revocation file changed; reloaded"),
-                Ok(Err(e)) => {
-                    tracing::error!(error = %format!("{e:#}"), "revocation file reload failed")
-                }
-                Err(e) => tracing::error!(error = %e, "revocation file reload failed"),
-            }
-        }
+        Change::Modified => match reload_revocation_file(file, revocations, store) {
+            Ok(added) => tracing::info!(added, "revocation file changed; reloaded"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "revocation file reload failed"),
+        },
     }
+    detector
 }
 
 /// Records a newly issued key in the store's key list. Blocking.

@@ -32,7 +32,12 @@ impl Store {
                 }
             }
         }
-        txn.commit()?;
+        // A file re-read with nothing new is the common case: no commit, no fsync.
+        if new == 0 {
+            txn.abort()?;
+        } else {
+            txn.commit()?;
+        }
         Ok(new)
     }
 
