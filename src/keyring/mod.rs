@@ -234,3 +234,116 @@ pub fn listing(
     listing.warnings = warnings;
     Ok(listing)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(c: char) -> String {
+        c.to_string().repeat(32)
+    }
+
+    fn store(dir: &Path) -> Store {
+        Store::open(&dir.join("data"), 1 << 20).expect("open store")
+    }
+
+    #[test]
+    fn a_running_reload_applies_good_lines_records_them_and_skips_bad_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let file = dir.path().join("revoked");
+        std::fs::write(&file, format!("{}\nhalf-written-line\n", id('a'))).expect("write");
+        let set = RevocationSet::default();
+        assert_eq!(
+            reload_revocation_file(&file, &set, &store).expect("reload"),
+            1
+        );
+        assert!(set.is_revoked(&id('a')));
+        assert_eq!(store.revoked_keys().expect("read"), [id('a')]);
+        assert_eq!(
+            reload_revocation_file(&file, &set, &store).expect("again"),
+            0
+        );
+        std::fs::remove_file(&file).expect("remove");
+        assert!(reload_revocation_file(&file, &set, &store).is_err());
+        assert!(
+            set.is_revoked(&id('a')),
+            "a missing file revokes nothing back"
+        );
+    }
+
+    #[test]
+    fn start_up_refuses_a_bad_file_and_records_a_good_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        store.revoke_key_blocking(&id('s')).expect("revoke");
+        let file = dir.path().join("revoked");
+        std::fs::write(&file, "not-an-id\n").expect("write");
+        let err = load_at_start(&store, Some(&file)).expect_err("bad line");
+        assert!(err.to_string().contains("line 1"), "{err}");
+        std::fs::write(&file, format!("# ok\n{}\n", id('f'))).expect("write");
+        let (mut ids, stamp) = load_at_start(&store, Some(&file)).expect("good file");
+        ids.sort();
+        assert_eq!(ids, [id('f'), id('s')]);
+        assert_eq!(stamp, FileStamp::read(&file).expect("stat"));
+        assert_eq!(store.revoked_keys().expect("read").len(), 2, "recorded");
+        let (ids, stamp) = load_at_start(&store, None).expect("no file");
+        assert_eq!((ids.len(), stamp), (2, None));
+    }
+
+    #[test]
+    fn a_stopped_listing_marks_ids_only_the_file_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        store.revoke_key_blocking(&id('b')).expect("revoke");
+        let file = dir.path().join("revoked");
+        std::fs::write(&file, format!("{}\n{}\nbad\n", id('a'), id('b'))).expect("write");
+        let shown = listing(&store, None, Some(&file)).expect("listing");
+        let revoked: Vec<_> = shown
+            .rows
+            .iter()
+            .map(|r| (r.id.clone(), r.revoked))
+            .collect();
+        assert_eq!(revoked.len(), 2);
+        assert_eq!(revoked[0], (id('a'), Some(Revocation::Listed)));
+        assert!(matches!(revoked[1].1, Some(Revocation::At(_))));
+        assert_eq!(shown.warnings.len(), 1, "the bad line is reported");
+        let missing = listing(&store, None, Some(&dir.path().join("nowhere"))).expect("listing");
+        assert!(
+            missing.warnings[0].contains("not read"),
+            "{:?}",
+            missing.warnings
+        );
+    }
+
+    #[test]
+    fn flushing_usage_records_claims_and_token_uses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let usage = KeyUsage::default();
+        let request = crate::auth::KeyRequest {
+            subject: "ci-runner".to_owned(),
+            repos: vec!["team/**".to_owned()],
+            actions: crate::auth::Actions::PULL,
+            ttl: Duration::from_secs(3600),
+        };
+        let signing = crate::auth::SigningKey::from_bytes(&[7; 32]);
+        let (_, claims) = crate::auth::issue_key(&signing, &request, std::time::SystemTime::now())
+            .expect("issued");
+        let claims = std::sync::Arc::new(claims);
+        usage.record_id(&claims.id, std::time::UNIX_EPOCH + Duration::from_secs(500));
+        usage.record_id(&id('9'), std::time::UNIX_EPOCH + Duration::from_secs(600));
+        assert_eq!(flush_key_usage(&usage, &store).expect("flush"), 2);
+        assert!(
+            store.known_keys_blocking().expect("read").is_empty(),
+            "no claims yet"
+        );
+        usage.record(&claims, std::time::UNIX_EPOCH + Duration::from_secs(700));
+        flush_key_usage(&usage, &store).expect("flush");
+        let known = store.known_keys_blocking().expect("read");
+        let k = &known[&claims.id];
+        assert_eq!((k.subject.as_str(), k.last_used), ("ci-runner", Some(700)));
+        assert_eq!(k.repos, ["team/**"]);
+        assert_eq!(flush_key_usage(&usage, &store).expect("empty"), 0);
+    }
+}
