@@ -5,6 +5,8 @@
 //! - [`config`]: the TOML file and its validation into an immutable `Config`.
 //! - [`storage`]: blob files, redb metadata, uploads, gc and fsck.
 //! - [`auth`]: principals, signed API keys, tokens, access policy, revocation.
+//! - [`keyring`]: the durable side of API keys: revocations from the CLI and the
+//!   revocation file (re-read when it changes), known keys and their last use, `key list`.
 //! - [`upstream`]: clients for upstream registries (token flow, redirects, timeouts,
 //!   circuit breaker).
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
@@ -24,6 +26,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod keyring;
 pub mod metrics;
 pub mod namespace;
 pub mod oci;

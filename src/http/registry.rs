@@ -15,7 +15,7 @@ use super::{Ctx, State};
 use crate::auth::Action;
 use crate::oci::manifest::{Manifest, OCI_INDEX};
 use crate::oci::{Digest, ErrorCode, MAX_MANIFEST_BYTES, Reference, RepoName};
-use crate::storage::{FileRange, LinkOrigin, PutManifest, StoredManifest};
+use crate::storage::{FileRange, LinkOrigin, ManifestDeletion, PutManifest, StoredManifest};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -178,11 +178,28 @@ pub async fn delete_manifest(
     reference: &Reference,
 ) -> Result<Response<Body>> {
     let deleted = match reference {
-        Reference::Digest(d) => state.store.delete_manifest(repo, d).await?,
+        Reference::Digest(d) => {
+            // Deleting a manifest removes its tags, so it must not remove an immutable one.
+            let (auth, r) = (state.auth.clone(), repo.clone());
+            let protected = move |tag: &str| {
+                let tag = tag.parse().ok()?;
+                auth.immutable_rule(&r, &tag)
+            };
+            match state.store.delete_manifest(repo, d, protected).await? {
+                ManifestDeletion::Deleted => true,
+                ManifestDeletion::Unknown => false,
+                ManifestDeletion::Protected { tag, rule } => {
+                    return Err(ApiError::denied(format!(
+                        "tag {tag} points to this manifest and is immutable under {rule}; \
+                         the manifest cannot be deleted"
+                    )));
+                }
+            }
+        }
         Reference::Tag(t) => {
-            if let Some(rule) = state.auth.immutable_rule(repo, t)
-                && state.store.tag_digest(repo, t).await?.is_some()
-            {
+            // Refused whether or not the tag exists yet: checking existence first would
+            // let a push of the tag slip in between the check and the delete.
+            if let Some(rule) = state.auth.immutable_rule(repo, t) {
                 return Err(ApiError::denied(format!(
                     "tag is immutable under {rule} and cannot be deleted"
                 )));
