@@ -1,6 +1,6 @@
-//! The local admin channel: state-changing commands (`key revoke`, `gc`, `fsck`) reach a
-//! running daemon through a unix socket in the storage directory, because redb allows
-//! one process per database (PRODUCT.md §7).
+//! The local admin channel: commands on the store (`key revoke`, `key list`, recording an
+//! issued key, `gc`, `fsck`) reach a running daemon through a unix socket in the storage
+//! directory, because redb allows one process per database (PRODUCT.md §7).
 //!
 //! The socket is created with mode 0600, so only the daemon's own user (and root) can
 //! use it: file permissions are the authentication. One JSON line each way per
@@ -16,12 +16,13 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::RevocationSet;
+use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::storage::Store;
+use crate::keyring;
+use crate::storage::{KeyRecord, Store, now_secs};
 
-/// Largest request line accepted.
-const MAX_REQUEST: u64 = 4096;
+/// Largest request line accepted: room for the claims of the largest API key.
+const MAX_REQUEST: u64 = 16 * 1024;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -29,9 +30,22 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum AdminRequest {
-    Revoke { key_id: String },
+    Revoke {
+        key_id: String,
+    },
+    /// `outpost key list`; `json` picks JSON over the table.
+    ListKeys {
+        json: bool,
+    },
+    /// `outpost key issue --config`: the new key's claims (never the key).
+    RecordKey {
+        key_id: String,
+        record: KeyRecord,
+    },
     Gc,
-    Fsck { repair: bool },
+    Fsck {
+        repair: bool,
+    },
 }
 
 /// The command's output and whether it found problems.
@@ -47,18 +61,19 @@ pub fn socket_path(config: &Config) -> PathBuf {
 }
 
 /// Runs `request` against an open store. Blocking (gc and fsck read every blob).
-/// `revocations`, when given, is the running daemon's set, updated at once.
+/// `daemon`, when given, is the running daemon's authenticator: revocations reach its
+/// set at once, and its batched key use is recorded before a listing.
 pub fn execute(
     store: &Store,
     config: &Config,
-    revocations: Option<&RevocationSet>,
+    daemon: Option<&Authenticator>,
     request: &AdminRequest,
 ) -> anyhow::Result<AdminReply> {
     match request {
         AdminRequest::Revoke { key_id } => {
             let new = store.revoke_key_blocking(key_id)?;
-            if let Some(set) = revocations {
-                set.revoke(key_id);
+            if let Some(auth) = daemon {
+                auth.revocations().revoke(key_id);
             }
             Ok(AdminReply {
                 output: if new {
@@ -66,6 +81,28 @@ pub fn execute(
                 } else {
                     format!("{key_id} was already revoked\n")
                 },
+                failed: false,
+            })
+        }
+        AdminRequest::ListKeys { json } => {
+            let listing = keyring::listing(store, daemon, config.auth.revocation_file.as_deref())?;
+            let now = now_secs();
+            Ok(AdminReply {
+                output: if *json {
+                    listing.json(now)
+                } else {
+                    listing.table(now)
+                },
+                failed: false,
+            })
+        }
+        AdminRequest::RecordKey { key_id, record } => {
+            keyring::record_issued(store, key_id, record)?;
+            Ok(AdminReply {
+                output: format!(
+                    "recorded {key_id} in the key list of {}\n",
+                    config.storage.path.display()
+                ),
                 failed: false,
             })
         }
@@ -118,7 +155,7 @@ pub async fn serve(
     path: PathBuf,
     store: Store,
     config: std::sync::Arc<Config>,
-    revocations: RevocationSet,
+    auth: Authenticator,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&path);
@@ -135,9 +172,9 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
-        let (store, config, revocations) = (store.clone(), config.clone(), revocations.clone());
+        let (store, config, auth) = (store.clone(), config.clone(), auth.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, store, config, revocations).await {
+            if let Err(e) = handle(stream, store, config, auth).await {
                 tracing::warn!(error = %e, "admin request failed");
             }
         });
@@ -150,7 +187,7 @@ async fn handle(
     stream: UnixStream,
     store: Store,
     config: std::sync::Arc<Config>,
-    revocations: RevocationSet,
+    auth: Authenticator,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -159,14 +196,12 @@ async fn handle(
     let reply = match serde_json::from_str::<AdminRequest>(&line) {
         Ok(request) => {
             tracing::info!(command = ?command_name(&request), "admin command");
-            tokio::task::spawn_blocking(move || {
-                execute(&store, &config, Some(&revocations), &request)
-            })
-            .await?
-            .unwrap_or_else(|e| AdminReply {
-                output: format!("error: {e:#}\n"),
-                failed: true,
-            })
+            tokio::task::spawn_blocking(move || execute(&store, &config, Some(&auth), &request))
+                .await?
+                .unwrap_or_else(|e| AdminReply {
+                    output: format!("error: {e:#}\n"),
+                    failed: true,
+                })
         }
         Err(e) => AdminReply {
             output: format!("error: bad admin request: {e}\n"),
@@ -183,6 +218,8 @@ async fn handle(
 fn command_name(request: &AdminRequest) -> &'static str {
     match request {
         AdminRequest::Revoke { .. } => "revoke",
+        AdminRequest::ListKeys { .. } => "list_keys",
+        AdminRequest::RecordKey { .. } => "record_key",
         AdminRequest::Gc => "gc",
         AdminRequest::Fsck { .. } => "fsck",
     }
@@ -223,5 +260,28 @@ mod tests {
             Some(AdminRequest::Fsck { repair: true })
         );
         assert!(serde_json::from_str::<AdminRequest>(r#"{"command":"rm -rf"}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<AdminRequest>(r#"{"command":"list_keys","json":true}"#).ok(),
+            Some(AdminRequest::ListKeys { json: true })
+        );
+        let record = AdminRequest::RecordKey {
+            key_id: "ab".repeat(16),
+            record: KeyRecord {
+                subject: "ci".into(),
+                issuer: "0123456789abcdef".into(),
+                repos: vec!["team/**".into()],
+                actions: "pull".into(),
+                issued_at: 1,
+                expires_at: 2,
+                recorded_at: 1,
+                last_used: None,
+            },
+        };
+        let json = serde_json::to_string(&record).expect("serialize");
+        assert!(json.len() < MAX_REQUEST as usize);
+        assert_eq!(
+            serde_json::from_str::<AdminRequest>(&json).ok(),
+            Some(record)
+        );
     }
 }

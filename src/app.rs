@@ -12,13 +12,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
 use crate::auth::{
-    AuthSettings, Authenticator, DEFAULT_CAPACITY, DEFAULT_MAX_FAILURES, DEFAULT_WINDOW,
-    FailureThrottle, RevocationSet, load_verifying_key, parse_revocation_file,
+    AuthSettings, Authenticator, DEFAULT_CAPACITY, FailureThrottle, RevocationSet,
+    load_verifying_key,
 };
 use crate::cache::PullThrough;
 use crate::central::CentralAuth;
 use crate::config::Config;
 use crate::http::{self, Listeners, TlsSettings};
+use crate::keyring;
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::systemd::Notifier;
@@ -37,6 +38,7 @@ pub struct Daemon {
     background: Vec<tokio::task::JoinHandle<()>>,
     tls: Option<TlsSettings>,
     auth: Authenticator,
+    store: Store,
     config: Arc<Config>,
 }
 
@@ -67,15 +69,6 @@ fn token_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-}
-
-fn read_revocation_file(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    parse_revocation_file(&text).map_err(|errs| {
-        let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("{}: {}", path.display(), lines.join("; "))
-    })
 }
 
 /// Cached central-registry logins, when `auth.central` names an upstream. It shares that
@@ -139,10 +132,13 @@ impl Daemon {
             .await
             .context("opening the store")?
             .with_context(|| format!("opening the store in {}", config.storage.path.display()))?;
-        let mut revoked = store.revoked_keys()?;
-        if let Some(file) = &config.auth.revocation_file {
-            revoked.extend(read_revocation_file(file)?);
-        }
+        // The revocation file's ids are recorded in the store as they are loaded.
+        let (revoked, revocation_stamp) = tokio::task::spawn_blocking({
+            let (store, file) = (store.clone(), config.auth.revocation_file.clone());
+            move || keyring::load_at_start(&store, file.as_deref())
+        })
+        .await
+        .context("loading revocations")??;
         let issuers = config
             .auth
             .issuer_keys
@@ -175,7 +171,11 @@ impl Daemon {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect::<Vec<_>>();
-        let throttle = FailureThrottle::new(DEFAULT_MAX_FAILURES, DEFAULT_WINDOW, DEFAULT_CAPACITY);
+        let throttle = FailureThrottle::new(
+            config.auth.failure_limit,
+            config.auth.failure_window,
+            DEFAULT_CAPACITY,
+        );
         let metrics = Arc::new(Metrics::new());
         let cache = Arc::new(
             PullThrough::new(&config, store.clone(), metrics.clone())
@@ -188,21 +188,26 @@ impl Daemon {
             let budget = config.storage.max_size;
             async move { cache.maintain(budget, MAINTENANCE_INTERVAL, shutdown).await }
         });
+        let keys = tokio::spawn(keyring::upkeep(
+            auth.clone(),
+            store.clone(),
+            config.auth.revocation_file.clone(),
+            revocation_stamp,
+            shutdown.clone(),
+        ));
         let admin = tokio::spawn({
             let path = crate::admin::socket_path(&config);
             let (store, config) = (store.clone(), config.clone());
-            let (revocations, shutdown) = (auth.revocations().clone(), shutdown.clone());
+            let (auth, shutdown) = (auth.clone(), shutdown.clone());
             async move {
-                if let Err(e) =
-                    crate::admin::serve(path, store, config, revocations, shutdown).await
-                {
+                if let Err(e) = crate::admin::serve(path, store, config, auth, shutdown).await {
                     tracing::error!(error = %e, "admin socket failed; CLI commands need the daemon stopped");
                 }
             }
         });
         let state = http::State::new(
             config.clone(),
-            store,
+            store.clone(),
             auth.clone(),
             throttle,
             cache,
@@ -221,9 +226,10 @@ impl Daemon {
             tls_addrs,
             shutdown,
             task,
-            background: vec![maintenance, admin],
+            background: vec![maintenance, admin, keys],
             tls,
             auth,
+            store,
             config,
         })
     }
@@ -238,8 +244,9 @@ impl Daemon {
         &self.tls_addrs
     }
 
-    /// Re-reads what can change without a restart: TLS certificates and the revocation file.
-    pub fn reload(&self) {
+    /// Re-reads what can change without a restart: TLS certificates and the revocation
+    /// file (which is also re-read on its own whenever it changes).
+    pub async fn reload(&self) {
         if let Some(tls) = &self.tls {
             match tls.reload() {
                 Ok(()) => tracing::info!("TLS certificates reloaded"),
@@ -248,11 +255,16 @@ impl Daemon {
                 }
             }
         }
-        if let Some(file) = &self.config.auth.revocation_file {
-            match read_revocation_file(file) {
-                Ok(ids) => {
-                    let added = self.auth.revocations().merge(ids);
-                    tracing::info!(added, "revocation list reloaded");
+        if let Some(file) = self.config.auth.revocation_file.clone() {
+            let (set, store) = (self.auth.revocations().clone(), self.store.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                keyring::reload_revocation_file(&file, &set, &store)
+            })
+            .await;
+            match done {
+                Ok(Ok(added)) => tracing::info!(added, "revocation list reloaded"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "revocation list reload failed")
                 }
                 Err(e) => tracing::error!(error = %e, "revocation list reload failed"),
             }
@@ -265,6 +277,13 @@ impl Daemon {
         let _ = self.task.await;
         for task in self.background {
             let _ = task.await;
+        }
+        // After the drain, so the last requests' use of keys is recorded too.
+        let (usage, store) = (self.auth.key_usage().clone(), self.store.clone());
+        match tokio::task::spawn_blocking(move || keyring::flush_key_usage(&usage, &store)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "recording the last use of keys failed"),
+            Err(e) => tracing::warn!(error = %e, "recording the last use of keys failed"),
         }
     }
 
@@ -290,7 +309,7 @@ impl Daemon {
                 _ = int.recv() => break,
                 _ = hup.recv() => {
                     notifier.reloading("reloading TLS certificates and revocation list");
-                    self.reload();
+                    self.reload().await;
                     notifier.ready(&serving);
                 }
             }

@@ -9,10 +9,12 @@ use clap::{Parser, Subcommand};
 
 use crate::admin::{self, AdminRequest};
 use crate::auth::{
-    Actions, KeyRequest, decode_unverified, issue_key, load_signing_key, write_issuer_pair,
+    Actions, KeyClaims, KeyRequest, decode_unverified, issue_key, load_signing_key,
+    write_issuer_pair,
 };
 use crate::config::{Config, DEFAULT_TOML, parse_duration};
-use crate::storage::{StorageError, Store};
+use crate::keyring::{self, inventory::Listing};
+use crate::storage::{StorageError, Store, now_secs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -90,10 +92,17 @@ pub enum KeyCommand {
     },
     /// Sign a new API key; the key is the last line of output.
     ///
+    /// With --config, the key's claims (never the key) are also recorded in that store's
+    /// key list, directly or through the running daemon; if that fails, the key is still
+    /// issued and a warning says why.
+    ///
     /// Example: outpost key issue --signing-key issuer.key --subject ci --repo 'team/**' --actions pull,push --expires 90d
     Issue {
         #[arg(long)]
         signing_key: PathBuf,
+        /// Record the key in the key list of this configuration's store.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         #[arg(long)]
         subject: String,
         /// Repository glob the key may act on (repeatable).
@@ -108,8 +117,11 @@ pub enum KeyCommand {
     ///
     /// Example: outpost key inspect opk1.eyJ2Ijo...
     Inspect { key: String },
-    /// Revoke a key by id or by the key itself (daemon stopped; the running daemon
-    /// also reads `auth.revocation_file` on SIGHUP).
+    /// Revoke a key by id or by the key itself, durably and at once.
+    ///
+    /// Works with the daemon running (through its admin socket) or stopped. Ids listed in
+    /// `auth.revocation_file` are revoked too: the daemon re-reads that file when it
+    /// changes.
     ///
     /// Example: outpost key revoke --config /etc/outpost/outpost.toml 3f2a...
     Revoke {
@@ -117,11 +129,28 @@ pub enum KeyCommand {
         config: PathBuf,
         key_or_id: String,
     },
+    /// List the known keys: id, subject, repositories, actions, expiry, last use and
+    /// whether revoked. Never shows a key.
+    ///
+    /// A key is known once it has authenticated, or when it was issued with --config.
+    /// Revoked ids are listed even if their key was never seen. Works with the daemon
+    /// running (through its admin socket) or stopped.
+    ///
+    /// Example: outpost key list --config /etc/outpost/outpost.toml --json
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object, `{"keys": [...], "warnings": [...]}`, instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-/// What a command produced: text for stdout, and whether it found problems (exit 1).
+/// What a command produced: text for stdout, warnings for stderr, and whether it found
+/// problems (exit 1).
 pub struct Outcome {
     pub stdout: String,
+    pub stderr: String,
     pub failed: bool,
 }
 
@@ -129,6 +158,7 @@ impl Outcome {
     fn ok(stdout: String) -> Outcome {
         Outcome {
             stdout,
+            stderr: String::new(),
             failed: false,
         }
     }
@@ -152,8 +182,44 @@ fn admin(config: &Config, request: AdminRequest) -> anyhow::Result<Outcome> {
     };
     Ok(Outcome {
         stdout: reply.output,
+        stderr: String::new(),
         failed: reply.failed,
     })
+}
+
+/// Records an issued key in the key list of `config`'s store: directly, or through the
+/// running daemon. A store that does not exist yet is not created (it would belong to
+/// whoever runs this, not to the daemon's user).
+fn record_issued(config: &Path, claims: &KeyClaims) -> anyhow::Result<String> {
+    let config = load_config(Some(config))?;
+    if !config.database_path().exists() {
+        bail!(
+            "there is no store at {} yet; the key will be listed once it authenticates",
+            config.storage.path.display()
+        );
+    }
+    let key_id = claims.id.clone();
+    let record = keyring::key_record(claims, now_secs(), None);
+    Ok(admin(&config, AdminRequest::RecordKey { key_id, record })?.stdout)
+}
+
+/// `outpost key list`: like [`admin`], but a store that does not exist yet lists nothing
+/// rather than being created.
+fn list_keys(config: &Config, json: bool) -> anyhow::Result<Outcome> {
+    if !config.database_path().exists() {
+        let mut listing = Listing::default();
+        listing.warnings.push(format!(
+            "there is no store at {} yet",
+            config.storage.path.display()
+        ));
+        let now = now_secs();
+        return Ok(Outcome::ok(if json {
+            listing.json(now)
+        } else {
+            listing.table(now)
+        }));
+    }
+    admin(config, AdminRequest::ListKeys { json })
 }
 
 /// Runs every command except `serve`.
@@ -185,6 +251,7 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         }
         Command::Key(KeyCommand::Issue {
             signing_key,
+            config,
             subject,
             repos,
             actions,
@@ -203,13 +270,26 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
                 },
                 SystemTime::now(),
             )?;
-            Ok(Outcome::ok(format!(
-                "id: {}\nsubject: {}\nexpires: {}\n{}\n",
-                claims.id,
-                claims.subject,
-                fmt_time(claims.expires_at),
-                key.expose()
-            )))
+            let (recorded, warning) = match config.map(|c| record_issued(&c, &claims)) {
+                None => (String::new(), String::new()),
+                Some(Ok(note)) => (note, String::new()),
+                Some(Err(e)) => (
+                    String::new(),
+                    format!("outpost: warning: the key was not recorded in the key list: {e:#}\n"),
+                ),
+            };
+            // The key stays the last line of stdout, alone: scripts take it from there.
+            Ok(Outcome {
+                stdout: format!(
+                    "id: {}\nsubject: {}\nexpires: {}\n{recorded}{}\n",
+                    claims.id,
+                    claims.subject,
+                    fmt_time(claims.expires_at),
+                    key.expose()
+                ),
+                stderr: warning,
+                failed: false,
+            })
         }
         Command::Key(KeyCommand::Inspect { key }) => {
             let c = decode_unverified(key.trim())?;
@@ -239,6 +319,9 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
                 Err(_) => bail!("not a key or key id"),
             };
             admin(&config, AdminRequest::Revoke { key_id: id })
+        }
+        Command::Key(KeyCommand::List { config, json }) => {
+            list_keys(&load_config(Some(&config))?, json)
         }
         Command::Gc { config } => admin(&load_config(Some(&config))?, AdminRequest::Gc),
         Command::Fsck { config, repair } => {

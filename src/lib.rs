@@ -6,6 +6,8 @@
 //! - [`storage`]: blob files, redb metadata, uploads, gc and fsck.
 //! - [`auth`]: principals, signed API keys, tokens, access policy, revocation.
 //! - [`central`]: cached central-registry logins: online checks, durable answers, grace.
+//! - [`keyring`]: the durable side of API keys: revocations from the CLI and the
+//!   revocation file (re-read when it changes), known keys and their last use, `key list`.
 //! - [`upstream`]: clients for upstream registries (token flow, redirects, timeouts,
 //!   circuit breaker).
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
@@ -26,6 +28,7 @@ pub mod central;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod keyring;
 pub mod metrics;
 pub mod namespace;
 pub mod oci;

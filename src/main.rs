@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Ok(None) => ExitCode::SUCCESS,
         Ok(Some(outcome)) => {
             print!("{}", outcome.stdout);
+            eprint!("{}", outcome.stderr);
             if outcome.failed {
                 ExitCode::from(1)
             } else {

@@ -122,6 +122,64 @@ async fn blob_of_other_repository_is_not_served() {
     }
 }
 
+/// Stored blobs go out through sendfile on plain HTTP/1.1 and through memory on h2c:
+/// both byte-identical, whole and in ranges across the 1 MiB chunk boundary, and
+/// several responses in a row on one kept-alive connection stay in step.
+#[tokio::test(flavor = "multi_thread")]
+async fn blob_bytes_are_identical_over_http1_and_h2c() {
+    let dir = tmp();
+    let issuer = Issuer::new(&dir.path().join("keys"));
+    let server = Server::start(dir.path(), &issuer, "");
+    let key = issuer.issue("ci", &["team/**"], "pull,push", "1h");
+    let content = bytes(11, 3 * 1024 * 1024 + 4321);
+    let (d, status) = push_blob(&server, &key, "team/big", &content).await;
+    assert_eq!(status, 201);
+    let url = server.url(&format!("/v2/team/big/blobs/{d}"));
+    let h1 = reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(1)
+        .build()
+        .expect("client");
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let ranges: [(usize, usize); 3] = [
+        (0, content.len() - 1),
+        (1024 * 1024 - 7, 2 * 1024 * 1024 + 9),
+        (content.len() - 5, content.len() - 1),
+    ];
+    for (name, c) in [("http/1.1", &h1), ("h2c", &h2)] {
+        for round in 0..2 {
+            let r = c.get(&url).bearer_auth(&key).send().await.expect("send");
+            assert_eq!(r.status(), 200, "{name}");
+            let body = r.bytes().await.expect("body");
+            assert!(
+                body.as_ref() == content.as_slice(),
+                "{name} round {round}: whole blob differs"
+            );
+            for (start, end) in ranges {
+                let r = c
+                    .get(&url)
+                    .bearer_auth(&key)
+                    .header("Range", format!("bytes={start}-{end}"))
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.status(), 206, "{name}");
+                let body = r.bytes().await.expect("body");
+                assert!(
+                    body.as_ref() == &content[start..=end],
+                    "{name}: range {start}-{end} differs"
+                );
+            }
+            let r = c.head(&url).bearer_auth(&key).send().await.expect("send");
+            let length = r.headers()["content-length"].to_str().expect("ascii");
+            assert_eq!(length, content.len().to_string(), "{name}");
+        }
+    }
+}
+
 /// A mount needs read access to the source: without it the registry answers 202 (a
 /// plain upload session) and does not link the blob.
 #[tokio::test(flavor = "multi_thread")]

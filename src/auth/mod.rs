@@ -6,8 +6,9 @@
 //! [`Authenticator`] is the facade that layer uses; the submodules hold the parts:
 //! `keys` (issuer key files, API key format and verification), `token` (bearer tokens),
 //! `policy` (the pure decision function), `revocation` (revoked key ids), `throttle`
-//! (failed-authentication rate limiting), `glob` (repository glob semantics) and
-//! `central` (the rules of cached central-registry logins).
+//! (failed-authentication rate limiting), `usage` (the last use of keys, batched in
+//! memory), `glob` (repository glob semantics) and `central` (the rules of cached
+//! central-registry logins).
 //!
 //! A user name and password that is not an API key belongs to a central-registry user.
 //! Checking one needs the network or the database, so [`Authenticator::identify`] hands
@@ -26,6 +27,7 @@ mod revocation;
 mod secret;
 mod throttle;
 mod token;
+mod usage;
 
 use std::fmt;
 use std::sync::Arc;
@@ -45,10 +47,13 @@ pub use keys::{
     issue_key, issuer_id, load_signing_key, load_verifying_key, write_issuer_pair,
 };
 pub use policy::{AccessRule, Identity, Policy, PolicyError};
-pub use revocation::{RevocationLineError, RevocationSet, parse_revocation_file};
+pub use revocation::{
+    RevocationLineError, RevocationSet, parse_revocation_file, parse_revocation_lines,
+};
 pub use secret::Secret;
 pub use throttle::{DEFAULT_CAPACITY, DEFAULT_MAX_FAILURES, DEFAULT_WINDOW, FailureThrottle};
 pub use token::{MAX_TOKEN_LEN, TOKEN_PREFIX, TokenClaims, TokenError, TokenSigner};
+pub use usage::{KeyUsage, MAX_PENDING_KEYS, UsedKey};
 
 use crate::oci::RepoName;
 
@@ -229,6 +234,7 @@ struct Inner {
     policy: Policy,
     service: String,
     revocations: RevocationSet,
+    usage: KeyUsage,
 }
 
 impl Authenticator {
@@ -241,6 +247,7 @@ impl Authenticator {
                 policy: settings.policy,
                 service: settings.service,
                 revocations,
+                usage: KeyUsage::default(),
             }),
         }
     }
@@ -376,6 +383,11 @@ impl Authenticator {
         &self.inner.revocations
     }
 
+    /// Keys that authenticated since the last flush of this batch.
+    pub fn key_usage(&self) -> &KeyUsage {
+        &self.inner.usage
+    }
+
     pub fn issuer_count(&self) -> usize {
         self.inner.keys.issuer_count()
     }
@@ -385,6 +397,7 @@ impl Authenticator {
         if self.inner.revocations.is_revoked(&claims.id) {
             return Err(AuthError::Revoked);
         }
+        self.inner.usage.record(&claims, now);
         Ok(Principal::Key(claims))
     }
 
@@ -394,6 +407,7 @@ impl Authenticator {
             if self.inner.revocations.is_revoked(id) {
                 return Err(AuthError::Revoked);
             }
+            self.inner.usage.record_id(id, now);
         }
         Ok(Principal::Token(Arc::new(claims)))
     }
@@ -617,6 +631,40 @@ mod tests {
             Err(AuthError::Revoked)
         );
         assert!(auth.revocations().is_revoked(&claims.id));
+    }
+
+    #[test]
+    fn successful_key_and_token_use_is_noted_for_the_key_list() {
+        let revocations = RevocationSet::default();
+        let auth = authenticator(revocations.clone());
+        let (key, claims) = issue(&signing_key(1), &["hosted/**"], "pull", 3600);
+        let (expired, _) = issue(&signing_key(1), &["hosted/**"], "pull", 10);
+        let _ = auth.authenticate(Some(&bearer(expired.expose())), at(T0 + 20));
+        assert_eq!(auth.key_usage().pending(), 0, "a refused key is not noted");
+        let who = auth
+            .authenticate(Some(&bearer(key.expose())), at(T0 + 1))
+            .expect("valid");
+        let token = auth.issue_token(&who, &[], at(T0 + 1)).token;
+        auth.authenticate(Some(&bearer(token.expose())), at(T0 + 7))
+            .expect("token valid");
+        let mut batch = Vec::new();
+        auth.key_usage()
+            .flush(|b| {
+                batch.extend_from_slice(b);
+                Ok::<(), ()>(())
+            })
+            .expect("flush");
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].id, claims.id);
+        assert_eq!(
+            batch[0].last_used,
+            T0 + 7,
+            "the token's use counts for its key"
+        );
+        assert!(batch[0].claims.is_some());
+        revocations.revoke(&claims.id);
+        let _ = auth.authenticate(Some(&bearer(key.expose())), at(T0 + 8));
+        assert_eq!(auth.key_usage().pending(), 0, "a revoked key is not noted");
     }
 
     #[test]

@@ -74,8 +74,21 @@ impl RevocationSet {
 
 /// Parses a revocation-list file: one key id or whole API key per line (whole keys are
 /// reduced to their id), `#` starts a comment, blank lines are ignored. Every bad line is
-/// reported.
+/// reported, and then no id is returned: at start-up, refusing to run beats running
+/// without a revocation the operator meant.
 pub fn parse_revocation_file(text: &str) -> Result<Vec<String>, Vec<RevocationLineError>> {
+    let (ids, errors) = parse_revocation_lines(text);
+    if errors.is_empty() {
+        Ok(ids)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Like [`parse_revocation_file`], but returns the ids of the good lines along with the
+/// bad lines: for a running daemon, revoking what can be read beats revoking nothing
+/// (and a line may be bad only because the file is being written).
+pub fn parse_revocation_lines(text: &str) -> (Vec<String>, Vec<RevocationLineError>) {
     let mut ids = Vec::new();
     let mut errors = Vec::new();
     for (index, raw) in text.lines().enumerate() {
@@ -96,11 +109,7 @@ pub fn parse_revocation_file(text: &str) -> Result<Vec<String>, Vec<RevocationLi
             None => errors.push(RevocationLineError { line: index + 1 }),
         }
     }
-    if errors.is_empty() {
-        Ok(ids)
-    } else {
-        Err(errors)
-    }
+    (ids, errors)
 }
 
 #[cfg(test)]
@@ -154,5 +163,8 @@ mod tests {
         );
         let shown = format!("{} {:?}", errors[1], errors[1]);
         assert!(!shown.contains(&truncated[5..]), "{shown}");
+        let (ids, errors) = parse_revocation_lines(&text);
+        assert_eq!(ids, ["0123456789abcdef0123456789abcdef"]);
+        assert_eq!(errors.len(), 2);
     }
 }

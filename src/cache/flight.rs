@@ -2,34 +2,26 @@
 //! temp file while it is hashed, and read by every client that asked for it as the
 //! bytes arrive.
 //!
-//! The download is a detached task (the *leader*); each client is a *follower* reading
-//! the temp file up to the length the leader has published. On success the file is
-//! verified and committed (followers with the file open keep reading it after the
-//! rename); on failure followers get an error where the bytes stop. The last byte is
-//! only released once the whole blob is verified and committed, so no client ever
-//! receives a complete body that failed verification.
+//! The download is a detached task (the *leader*); each client is a *follower* sent
+//! ranges of the temp file up to the length the leader has published. On success the
+//! file is verified and then committed (followers with the file open keep reading it
+//! after the rename); on failure followers get an error where the bytes stop. The last
+//! byte is only released once the whole blob is verified, so no client ever receives a
+//! complete body that failed verification.
 
 use std::collections::HashMap;
-use std::io;
-use std::path::PathBuf;
-use std::pin::Pin;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::CacheError;
 use crate::oci::{Digest, Hasher, RepoName};
-use crate::storage::Store;
+use crate::storage::{FileRange, Store};
 use crate::upstream::Upstream;
-
-/// Bytes read from the growing file per chunk.
-const CHUNK: usize = 256 * 1024;
-
-/// A stream of body bytes for the HTTP layer.
-pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
 
 /// How a download stands.
 #[derive(Clone, Debug)]
@@ -41,7 +33,7 @@ enum Progress {
         size: Option<u64>,
         written: u64,
     },
-    /// Verified and committed.
+    /// Verified: every byte may be served. The commit may still be running.
     Complete {
         size: u64,
     },
@@ -106,20 +98,25 @@ impl Flights {
                         if let Ok(mut running) = this.running.lock() {
                             running.remove(&key);
                         }
-                        let _ = tx.send(match result {
-                            Ok(size) => Progress::Complete { size },
-                            Err(e) => {
-                                let _ = tokio::fs::remove_file(&temp).await;
-                                tracing::warn!(
-                                    upstream = fetch.upstream.name(),
-                                    repo = %fetch.remote,
-                                    digest = %fetch.digest,
-                                    error = %e,
-                                    "blob download failed"
-                                );
-                                Progress::Failed(e)
-                            }
-                        });
+                        if let Err(e) = result {
+                            let _ = tokio::fs::remove_file(&temp).await;
+                            tracing::warn!(
+                                upstream = fetch.upstream.name(),
+                                repo = %fetch.remote,
+                                digest = %fetch.digest,
+                                error = %e,
+                                "blob download failed"
+                            );
+                            // Once verified, followers keep the verdict: the bytes they
+                            // read are right even if storing them failed.
+                            tx.send_if_modified(|p| {
+                                let verified = matches!(p, Progress::Complete { .. });
+                                if !verified {
+                                    *p = Progress::Failed(e);
+                                }
+                                !verified
+                            });
+                        }
                     });
                     (flight, false)
                 }
@@ -146,60 +143,134 @@ impl Flights {
     }
 }
 
+/// Chunks the network side may run ahead of the writer thread.
+const WRITE_QUEUE: usize = 16;
+
+impl Flights {
+    /// Waits until downloads of `digest` for any repository that are verified but still
+    /// committing have finished, so that a client who has the whole blob and asks again,
+    /// through whatever repository, finds it stored.
+    pub async fn settle(&self, digest: &Digest) {
+        let committing: Vec<_> = match self.running.lock() {
+            Ok(running) => running
+                .iter()
+                .filter(|((_, d), f)| {
+                    d == digest.as_str()
+                        && matches!(*f.progress.borrow(), Progress::Complete { .. })
+                })
+                .map(|(_, f)| f.progress.clone())
+                .collect(),
+            Err(_) => return,
+        };
+        for mut rx in committing {
+            // The leader drops its sender when the commit is over; nothing else ends this.
+            let _ = rx.wait_for(|_| false).await;
+        }
+    }
+}
+
 /// The leader: fetches, writes, hashes, verifies, commits. Returns the size.
+///
+/// The network side only receives; a blocking writer thread appends to the temp file,
+/// publishes progress and hashes, so receiving, writing and hashing overlap. Followers
+/// get the last byte as soon as the digest checks out: the commit (fsync, rename, redb)
+/// happens after that and is not on any client's path.
 async fn download(
     fetch: &Fetch,
-    temp: &PathBuf,
+    temp: &Path,
     tx: &watch::Sender<Progress>,
 ) -> Result<u64, CacheError> {
     let resp = fetch.upstream.blob(&fetch.remote, &fetch.digest, 0).await?;
-    let mut file = tokio::fs::File::create(temp)
-        .await
-        .map_err(CacheError::io)?;
+    let file = std::fs::File::create(temp).map_err(CacheError::io)?;
     let size = resp.size;
     tx.send_replace(Progress::Receiving { size, written: 0 });
-    let mut hasher = Hasher::new(fetch.digest.algorithm());
-    let mut written = 0u64;
+    let (chunks, queue) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let writer = {
+        let tx = tx.clone();
+        let algorithm = fetch.digest.algorithm();
+        tokio::task::spawn_blocking(move || write_file(file, queue, algorithm, size, &tx))
+    };
+    let mut received = 0u64;
     let mut body = resp.body;
+    let mut failure = None;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk?;
-        if size.is_some_and(|s| written + chunk.len() as u64 > s) {
-            return Err(CacheError::Invalid(
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(CacheError::from(e));
+                break;
+            }
+        };
+        received += chunk.len() as u64;
+        if size.is_some_and(|s| received > s) {
+            failure = Some(CacheError::Invalid(
                 "upstream sent more bytes than it announced".into(),
             ));
+            break;
         }
-        file.write_all(&chunk).await.map_err(CacheError::io)?;
-        // Wait for the write to land before telling followers the bytes are there.
-        file.flush().await.map_err(CacheError::io)?;
-        hasher.update(&chunk);
-        written += chunk.len() as u64;
-        tx.send_replace(Progress::Receiving { size, written });
+        if chunks.send(chunk).await.is_err() {
+            break; // The writer failed; its error is reported below.
+        }
     }
+    drop(chunks);
+    let written = writer
+        .await
+        .map_err(|_| CacheError::Internal)?
+        .map_err(CacheError::io);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let (actual, written) = written?;
     if size.is_some_and(|s| s != written) {
         return Err(CacheError::Invalid(format!(
             "upstream sent {written} bytes of an announced {}",
             size.unwrap_or_default()
         )));
     }
-    let actual = hasher.finish();
     if actual != fetch.digest {
         return Err(CacheError::Invalid(format!(
             "upstream sent content with digest {actual} for {}",
             fetch.digest
         )));
     }
-    drop(file);
+    // Verified: followers may have the last byte while the commit runs.
+    tx.send_replace(Progress::Complete { size: written });
     fetch
         .store
-        .commit_fetched(&fetch.canonical, temp.clone(), &fetch.digest, written)
+        .commit_fetched(&fetch.canonical, temp.to_path_buf(), &fetch.digest, written)
         .await?;
     fetch.committed.notify_one();
     Ok(written)
 }
 
+/// The writer thread: appends every chunk to `file`, tells followers, then hashes it.
+/// Returns the digest and length of what was written.
+fn write_file(
+    mut file: std::fs::File,
+    mut queue: tokio::sync::mpsc::Receiver<Bytes>,
+    algorithm: crate::oci::Algorithm,
+    size: Option<u64>,
+    tx: &watch::Sender<Progress>,
+) -> io::Result<(Digest, u64)> {
+    let mut hasher = Hasher::new(algorithm);
+    let mut written = 0u64;
+    while let Some(chunk) = queue.blocking_recv() {
+        file.write_all(&chunk)?;
+        written += chunk.len() as u64;
+        tx.send_replace(Progress::Receiving { size, written });
+        hasher.update(&chunk);
+    }
+    Ok((hasher.finish(), written))
+}
+
 impl Follower {
-    /// Streams bytes `start..start + len` (or to the end) as the download provides them.
-    pub fn stream(self, start: u64, len: Option<u64>) -> ByteStream {
+    /// The file ranges holding bytes `start..start + len` (or to the end), each yielded
+    /// as soon as the download has written it.
+    pub fn ranges(
+        self,
+        start: u64,
+        len: Option<u64>,
+    ) -> impl Stream<Item = io::Result<FileRange>> + Send + 'static {
         let end = len.map(|l| start + l);
         let state = ReadState {
             flight: self.flight.clone(),
@@ -208,30 +279,27 @@ impl Follower {
             pos: start,
             end,
         };
-        Box::pin(futures_util::stream::unfold(
-            Some(state),
-            |state| async move {
-                let mut state = state?;
-                match state.next_chunk().await {
-                    Ok(Some(bytes)) => Some((Ok(bytes), Some(state))),
-                    Ok(None) => None,
-                    Err(e) => Some((Err(e), None)),
-                }
-            },
-        ))
+        futures_util::stream::unfold(Some(state), |state| async move {
+            let mut state = state?;
+            match state.next_range().await {
+                Ok(Some(range)) => Some((Ok(range), Some(state))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
     }
 }
 
 struct ReadState {
     flight: Arc<Flight>,
     rx: watch::Receiver<Progress>,
-    file: Option<tokio::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     pos: u64,
     end: Option<u64>,
 }
 
 impl ReadState {
-    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+    async fn next_range(&mut self) -> io::Result<Option<FileRange>> {
         loop {
             let (available, done) = match &*self.rx.borrow_and_update() {
                 Progress::Connecting => (0, false),
@@ -241,8 +309,8 @@ impl ReadState {
                     return Err(io::Error::other(format!("upstream download failed: {e}")));
                 }
             };
-            // The last byte is held back until the digest is verified and the blob
-            // committed, so a client never holds a whole body that turns out wrong.
+            // The last byte is held back until the digest is verified, so a client
+            // never holds a whole body that turns out wrong.
             let available = if done {
                 available
             } else {
@@ -250,7 +318,14 @@ impl ReadState {
             };
             let limit = self.end.map_or(available, |e| e.min(available));
             if self.pos < limit {
-                return self.read(limit).await.map(Some);
+                let file = self.open().await?;
+                let range = FileRange {
+                    file,
+                    offset: self.pos,
+                    len: limit - self.pos,
+                };
+                self.pos = limit;
+                return Ok(Some(range));
             }
             if done || self.end.is_some_and(|e| self.pos >= e) {
                 return Ok(None);
@@ -265,34 +340,21 @@ impl ReadState {
         }
     }
 
-    async fn read(&mut self, limit: u64) -> io::Result<Bytes> {
-        if self.file.is_none() {
-            let mut file = match tokio::fs::File::open(&self.flight.temp).await {
-                Ok(f) => f,
-                // Committed already: the same bytes under their final name.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    tokio::fs::File::open(&self.flight.committed).await?
-                }
-                Err(e) => return Err(e),
-            };
-            file.seek(io::SeekFrom::Start(self.pos)).await?;
-            self.file = Some(file);
+    /// The download's file, opened on first use: the temp file, or the committed blob
+    /// once it has been renamed (the same bytes under their final name).
+    async fn open(&mut self) -> io::Result<Arc<std::fs::File>> {
+        if let Some(file) = &self.file {
+            return Ok(Arc::clone(file));
         }
-        let want = usize::try_from((limit - self.pos).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let mut buf = BytesMut::zeroed(want);
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("no file"))?;
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "download file is shorter than announced",
-            ));
-        }
-        buf.truncate(n);
-        self.pos += n as u64;
-        Ok(buf.freeze())
+        let (temp, committed) = (self.flight.temp.clone(), self.flight.committed.clone());
+        let file = tokio::task::spawn_blocking(move || match std::fs::File::open(&temp) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::File::open(committed),
+            other => other,
+        })
+        .await
+        .map_err(|_| io::Error::other("open task failed"))??;
+        let file = Arc::new(file);
+        self.file = Some(Arc::clone(&file));
+        Ok(file)
     }
 }

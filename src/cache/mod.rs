@@ -6,7 +6,8 @@
 //! - A tag answer is trusted for the upstream's `tag_ttl`, then revalidated with a HEAD.
 //!   A client waits at most `revalidate_wait` for that; past it, or if the upstream is
 //!   down, lying or rate-limiting, the last known answer is served (stale). Only an
-//!   upstream saying the tag is gone ends it.
+//!   upstream saying the tag is gone ends it. Recently confirmed tags are also kept in
+//!   memory ([`fresh`]), so a fresh tag costs no store lookup.
 //! - Every upstream fetch is coalesced: one per tag, manifest or blob however many
 //!   clients ask at once. Blobs stream to every client as they arrive ([`flight`]).
 //! - A blob is served through repository R only if R's link to it exists or the
@@ -16,6 +17,7 @@
 //! This module knows nothing of HTTP; the `http` layer maps its answers and errors.
 
 mod flight;
+mod fresh;
 mod singleflight;
 
 use std::sync::Arc;
@@ -29,8 +31,9 @@ use crate::storage::{
     AcceptClass, BlobHandle, FetchedManifest, StorageError, Store, StoredManifest, now_secs,
 };
 use crate::upstream::{BreakerState, Upstream, UpstreamDocument, UpstreamError};
-pub use flight::{ByteStream, Follower};
+pub use flight::Follower;
 use flight::{Fetch, Flights};
+use fresh::FreshTags;
 use singleflight::Singleflight;
 
 /// Why a pull-through request could not be answered.
@@ -119,6 +122,7 @@ pub struct PullThrough {
     store: Store,
     remotes: Vec<Remote>,
     tags: Arc<Singleflight<TagKey, ManifestResult>>,
+    fresh: FreshTags,
     manifests: Arc<Singleflight<(String, String), ManifestResult>>,
     blobs: Arc<Flights>,
     /// Notified whenever a download is committed.
@@ -191,6 +195,7 @@ impl PullThrough {
             store,
             remotes,
             tags: Arc::default(),
+            fresh: FreshTags::default(),
             manifests: Arc::default(),
             blobs: Arc::default(),
             committed: Arc::default(),
@@ -269,6 +274,15 @@ impl PullThrough {
     ) -> Result<ManifestAnswer, CacheError> {
         let (class, upstream_accept) = accept_class(accept);
         let (ctx, remote) = self.ctx(t)?;
+        let key = (t.canonical.to_string(), tag.to_string(), class);
+        let ttl = remote.tag_ttl.as_secs();
+        if let Some(manifest) = self.fresh.get(&key, ttl, now_secs()) {
+            return Ok(ManifestAnswer {
+                manifest,
+                source: Source::Hit,
+                coalesced: false,
+            });
+        }
         let known = self.store.tag_freshness(t.canonical, tag, class).await?;
         let stored = match &known {
             Some(f) => {
@@ -279,23 +293,24 @@ impl PullThrough {
             None => None,
         };
         if let (Some(f), Some(manifest)) = (&known, &stored)
-            && now_secs() < f.validated_at.saturating_add(remote.tag_ttl.as_secs())
+            && now_secs() < f.validated_at.saturating_add(ttl)
         {
+            self.fresh.put(key, manifest.clone(), f.validated_at);
             return Ok(ManifestAnswer {
                 manifest: manifest.clone(),
                 source: Source::Hit,
                 coalesced: false,
             });
         }
-        let key = (t.canonical.to_string(), tag.to_string(), class);
         let known_digest = stored.as_ref().map(|m| m.digest.clone());
         let tag = tag.clone();
-        let waiter = self.tags.join(key, move || async move {
+        let waiter = self.tags.join(key.clone(), move || async move {
             resolve_tag(&ctx, &tag, class, &upstream_accept, known_digest).await
         });
         let coalesced = waiter.joined;
         let Some(stale) = stored else {
             let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Internal))?;
+            self.fresh.put(key, manifest.clone(), now_secs());
             return Ok(ManifestAnswer {
                 manifest,
                 source: Source::Fetched,
@@ -304,12 +319,18 @@ impl PullThrough {
         };
         let outcome = tokio::time::timeout(remote.revalidate_wait, waiter.wait()).await;
         match outcome {
-            Ok(Some(Ok(manifest))) => Ok(ManifestAnswer {
-                manifest,
-                source: Source::Revalidated,
-                coalesced,
-            }),
-            Ok(Some(Err(e))) if e.is_gone() => Err(e),
+            Ok(Some(Ok(manifest))) => {
+                self.fresh.put(key, manifest.clone(), now_secs());
+                Ok(ManifestAnswer {
+                    manifest,
+                    source: Source::Revalidated,
+                    coalesced,
+                })
+            }
+            Ok(Some(Err(e))) if e.is_gone() => {
+                self.fresh.forget(&key);
+                Err(e)
+            }
             Ok(Some(Err(e))) => {
                 tracing::info!(
                     upstream = remote.client.name(),
@@ -350,6 +371,7 @@ impl PullThrough {
             return Ok(BlobAnswer::Stored(handle));
         }
         let (ctx, _) = self.ctx(t)?;
+        self.blobs.settle(digest).await;
         if self.store.stored_blob_size(digest).await?.is_some() {
             // Stored for another repository: serve it here only once the upstream
             // confirms this repository has it.

@@ -125,6 +125,10 @@ pub struct AuthConfig {
     /// central registry cannot answer.
     pub offline_grace: Duration,
     pub revocation_file: Option<PathBuf>,
+    /// Failed authentications one client address may make per `failure_window` before
+    /// it is refused (429) until the window ends.
+    pub failure_limit: u32,
+    pub failure_window: Duration,
     pub token_ttl: Duration,
     /// File holding the HMAC secret for `/token` tokens; several processes behind one
     /// name share it. Defaults to `token.secret` in the storage directory.
@@ -437,7 +441,23 @@ impl Validator {
         {
             self.err(format!("auth.central: no upstream is named {central:?}"));
         }
+        let failure_limit = raw
+            .failure_limit
+            .unwrap_or(crate::auth::DEFAULT_MAX_FAILURES);
+        if failure_limit == 0 {
+            self.err("auth.failure_limit: must be at least 1");
+        }
+        let failure_window = self.duration(
+            "auth.failure_window",
+            raw.failure_window.as_deref(),
+            crate::auth::DEFAULT_WINDOW,
+        );
+        if failure_window.is_zero() {
+            self.err("auth.failure_window: must be longer than 0s");
+        }
         AuthConfig {
+            failure_limit,
+            failure_window,
             issuer_keys: raw.issuer_keys,
             central_ttl: self.duration(
                 "auth.central_ttl",
@@ -608,6 +628,30 @@ anonymous = ["push"]
         ] {
             assert!(joined.contains(needle), "missing {needle:?} in:\n{joined}");
         }
+    }
+
+    #[test]
+    fn failure_throttle_is_configurable() {
+        let base =
+            "[server]\nlisten=[\"127.0.0.1:0\"]\npublic_url=\"http://x\"\n[storage]\npath=\"x\"\n";
+        let c = Config::from_toml(base).expect("defaults");
+        assert_eq!(c.auth.failure_limit, crate::auth::DEFAULT_MAX_FAILURES);
+        assert_eq!(c.auth.failure_window, crate::auth::DEFAULT_WINDOW);
+        let c = Config::from_toml(&format!(
+            "{base}[auth]\nfailure_limit = 3\nfailure_window = \"10m\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.auth.failure_limit, 3);
+        assert_eq!(c.auth.failure_window, Duration::from_secs(600));
+        let e = Config::from_toml(&format!(
+            "{base}[auth]\nfailure_limit = 0\nfailure_window = \"0s\"\n"
+        ))
+        .expect_err("zero");
+        let shown = e.to_string();
+        assert!(
+            shown.contains("auth.failure_limit") && shown.contains("auth.failure_window"),
+            "{shown}"
+        );
     }
 
     #[test]

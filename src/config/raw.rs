@@ -81,6 +81,8 @@ pub struct RawAuth {
     pub central_ttl: Option<String>,
     pub offline_grace: Option<String>,
     pub revocation_file: Option<PathBuf>,
+    pub failure_limit: Option<u32>,
+    pub failure_window: Option<String>,
     pub token_ttl: Option<String>,
     pub token_secret_file: Option<PathBuf>,
     pub service: Option<String>,

@@ -1,8 +1,10 @@
-//! Request and response bodies: bounded, idle-timed request streams, and blob files
-//! streamed from disk in large chunks.
+//! Request and response bodies: bounded, idle-timed request streams, and blob file
+//! ranges sent from disk (in large chunks, or with `sendfile(2)` where the connection
+//! allows).
 
 use std::io::{self, Read, Seek, SeekFrom};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,6 +12,9 @@ use futures_util::{Stream, StreamExt};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
+
+use super::zerocopy::FileQueue;
+use crate::storage::FileRange;
 
 /// The response body type of every handler.
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
@@ -85,48 +90,79 @@ pub async fn read_limited(
     Ok(Some(buf.into()))
 }
 
-/// A response body from a stream of chunks.
-pub fn stream(stream: ByteStream) -> Body {
-    BodyExt::boxed_unsync(StreamBody::new(stream.map(|r| r.map(Frame::data))))
+/// File ranges to send, in order: one for a stored blob, a series for a download in
+/// flight (each as the bytes become available).
+pub type RangeStream = Pin<Box<dyn Stream<Item = io::Result<FileRange>> + Send>>;
+
+/// How this connection sends file bytes: `sendfile(2)` on plain HTTP/1.x (see
+/// `zerocopy`), through memory otherwise. The server puts it in each request's
+/// extensions; a request without one uses memory.
+#[derive(Clone, Default)]
+pub enum FileSender {
+    #[default]
+    Memory,
+    Sendfile(FileQueue),
 }
 
-/// Streams `len` bytes of `file` starting at `offset`, reading on the blocking pool.
-pub fn file_body(file: std::fs::File, offset: u64, len: u64) -> Body {
-    let stream =
-        futures_util::stream::unfold(Some((file, offset, len, true)), |state| async move {
-            let (file, offset, remaining, first) = state?;
-            if remaining == 0 {
-                return None;
+impl FileSender {
+    pub fn of<B>(req: &http::Request<B>) -> FileSender {
+        req.extensions()
+            .get::<FileSender>()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A body made of `ranges`.
+    pub fn body(&self, ranges: RangeStream) -> Body {
+        match self {
+            FileSender::Memory => read_body(ranges),
+            FileSender::Sendfile(queue) => queue.body(ranges),
+        }
+    }
+
+    /// A body of one file range.
+    pub fn file(&self, range: FileRange) -> Body {
+        self.body(Box::pin(futures_util::stream::iter([Ok(range)])))
+    }
+}
+
+/// Reads `ranges` into memory chunk by chunk on the blocking pool.
+fn read_body(ranges: RangeStream) -> Body {
+    let stream = futures_util::stream::unfold(Some((ranges, None)), |state| async move {
+        let (mut ranges, current) = state?;
+        let mut range: FileRange = match current {
+            Some(r) => r,
+            None => match ranges.next().await? {
+                Ok(r) => r,
+                Err(e) => return Some((Err(e), None)),
+            },
+        };
+        let want = range.len.min(FILE_CHUNK as u64);
+        let (file, offset) = (Arc::clone(&range.file), range.offset);
+        let result = tokio::task::spawn_blocking(move || {
+            // `read_to_end` fills spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(usize::try_from(want).unwrap_or(FILE_CHUNK));
+            (&*file).seek(SeekFrom::Start(offset))?;
+            (&*file).take(want).read_to_end(&mut buf)?;
+            if (buf.len() as u64) < want {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file is shorter than recorded",
+                ));
             }
-            let want = usize::try_from(remaining.min(FILE_CHUNK as u64)).unwrap_or(FILE_CHUNK);
-            let result = tokio::task::spawn_blocking(move || {
-                let mut file = file;
-                if first {
-                    file.seek(SeekFrom::Start(offset))?;
-                }
-                let mut buf = vec![0u8; want];
-                let mut filled = 0;
-                while filled < want {
-                    let n = file.read(&mut buf[filled..])?;
-                    if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "blob file is shorter than recorded",
-                        ));
-                    }
-                    filled += n;
-                }
-                Ok((file, Bytes::from(buf)))
-            })
-            .await
-            .unwrap_or_else(|_| Err(io::Error::other("read task failed")));
-            match result {
-                Ok((file, bytes)) => {
-                    let left = remaining - bytes.len() as u64;
-                    Some((Ok(Frame::data(bytes)), Some((file, offset, left, false))))
-                }
-                Err(e) => Some((Err(e), None)),
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .unwrap_or_else(|_| Err(io::Error::other("read task failed")));
+        match result {
+            Ok(bytes) => {
+                range.offset += want;
+                range.len -= want;
+                let next = (range.len > 0).then_some(range);
+                Some((Ok(Frame::data(bytes)), Some((ranges, next))))
             }
-        });
+            Err(e) => Some((Err(e), None)),
+        }
+    });
     BodyExt::boxed_unsync(StreamBody::new(stream))
 }

@@ -17,6 +17,7 @@ mod registry;
 pub mod route;
 mod server;
 mod tls;
+mod zerocopy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::namespace::{self, Namespace, NamespaceError};
 use crate::oci::ErrorCode;
 use crate::storage::Store;
 pub use body::Body;
+use body::FileSender;
 use error::ApiError;
 use route::Route;
 pub use server::{Listeners, serve};
@@ -395,7 +397,8 @@ async fn dispatch_upstream(
         }
         Route::GetBlob { digest, head, .. } => {
             let range = header_str(header::RANGE);
-            proxy::get_blob(state, &t, &digest, head, range.as_deref()).await
+            let sender = FileSender::of(&req);
+            proxy::get_blob(state, &t, &digest, head, range.as_deref(), &sender).await
         }
         Route::Tags { page, .. } => proxy::tags(state, &t, &page).await,
         Route::Referrers {
@@ -439,7 +442,8 @@ async fn dispatch(
                 .get(header::RANGE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            registry::get_blob(state, &repo, &digest, head, range.as_deref()).await
+            let sender = FileSender::of(&req);
+            registry::get_blob(state, &repo, &digest, head, range.as_deref(), &sender).await
         }
         Route::DeleteBlob { repo, digest } => registry::delete_blob(state, &repo, &digest).await,
         Route::StartUpload {

@@ -2,13 +2,15 @@
 //! referrers through the pull-through cache. Pushes and deletes never get here (the
 //! pipeline refuses them for upstream namespaces).
 
+use std::sync::Arc;
+
 use http::header;
 use http::{Response, StatusCode};
 
 use super::State;
-use super::body::{self, Body};
+use super::body::{self, Body, FileSender};
 use super::error::ApiError;
-use super::registry::{self, blob_response, builder, finish, hv, manifest_response};
+use super::registry::{self, BlobContent, blob_response, builder, finish, hv, manifest_response};
 use super::route::Page;
 use crate::cache::{BlobAnswer, CacheError, Source, Target};
 use crate::oci::{Digest, Reference};
@@ -77,6 +79,7 @@ pub async fn get_blob(
     digest: &Digest,
     head: bool,
     range: Option<&str>,
+    sender: &FileSender,
 ) -> Result<Response<Body>> {
     let upstream = state.cache.upstream_name(t.index);
     let answer = match state.cache.blob(t, digest, head).await {
@@ -105,24 +108,25 @@ pub async fn get_blob(
     }
     match answer {
         BlobAnswer::Stored(blob) => {
-            let size = blob.size;
-            blob_response(digest, size, head, range, |start, len| {
-                body::file_body(blob.file, start, len)
-            })
+            let content = BlobContent::File(Arc::new(blob.file));
+            blob_response(digest, blob.size, head, range, content, sender)
         }
         BlobAnswer::Remote { size } => {
-            blob_response(digest, size, true, range, |_, _| body::empty())
+            blob_response(digest, size, true, range, BlobContent::Empty, sender)
         }
         BlobAnswer::Streaming(follower) => match follower.size {
-            Some(size) => blob_response(digest, size, head, range, |start, len| {
-                body::stream(follower.stream(start, Some(len)))
-            }),
+            Some(size) => {
+                let content = BlobContent::Ranges(Box::new(move |start, len| {
+                    Box::pin(follower.ranges(start, Some(len)))
+                }));
+                blob_response(digest, size, head, range, content, sender)
+            }
             // No length announced: stream it all, chunked.
             None => finish(
                 builder(StatusCode::OK)
                     .header(header::CONTENT_TYPE, "application/octet-stream")
                     .header("Docker-Content-Digest", hv(digest.as_str())?),
-                body::stream(follower.stream(0, None)),
+                sender.body(Box::pin(follower.ranges(0, None))),
             ),
         },
     }

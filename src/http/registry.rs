@@ -2,18 +2,20 @@
 //! tags, referrers and catalog. Each takes validated route data and returns a response
 //! or an [`ApiError`]; none of them authenticates (the pipeline did).
 
+use std::sync::Arc;
+
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::body::{self, Body};
+use super::body::{self, Body, FileSender, RangeStream};
 use super::error::ApiError;
 use super::route::Page;
 use super::{Ctx, State};
 use crate::auth::Action;
 use crate::oci::manifest::{Manifest, OCI_INDEX};
 use crate::oci::{Digest, ErrorCode, MAX_MANIFEST_BYTES, Reference, RepoName};
-use crate::storage::{LinkOrigin, PutManifest, StoredManifest};
+use crate::storage::{FileRange, LinkOrigin, ManifestDeletion, PutManifest, StoredManifest};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -176,11 +178,28 @@ pub async fn delete_manifest(
     reference: &Reference,
 ) -> Result<Response<Body>> {
     let deleted = match reference {
-        Reference::Digest(d) => state.store.delete_manifest(repo, d).await?,
+        Reference::Digest(d) => {
+            // Deleting a manifest removes its tags, so it must not remove an immutable one.
+            let (auth, r) = (state.auth.clone(), repo.clone());
+            let protected = move |tag: &str| {
+                let tag = tag.parse().ok()?;
+                auth.immutable_rule(&r, &tag)
+            };
+            match state.store.delete_manifest(repo, d, protected).await? {
+                ManifestDeletion::Deleted => true,
+                ManifestDeletion::Unknown => false,
+                ManifestDeletion::Protected { tag, rule } => {
+                    return Err(ApiError::denied(format!(
+                        "tag {tag} points to this manifest and is immutable under {rule}; \
+                         the manifest cannot be deleted"
+                    )));
+                }
+            }
+        }
         Reference::Tag(t) => {
-            if let Some(rule) = state.auth.immutable_rule(repo, t)
-                && state.store.tag_digest(repo, t).await?.is_some()
-            {
+            // Refused whether or not the tag exists yet: checking existence first would
+            // let a push of the tag slip in between the check and the delete.
+            if let Some(rule) = state.auth.immutable_rule(repo, t) {
                 return Err(ApiError::denied(format!(
                     "tag is immutable under {rule} and cannot be deleted"
                 )));
@@ -232,6 +251,7 @@ pub async fn get_blob(
     digest: &Digest,
     head: bool,
     range: Option<&str>,
+    sender: &FileSender,
 ) -> Result<Response<Body>> {
     let blob = state
         .store
@@ -239,18 +259,29 @@ pub async fn get_blob(
         .await?
         .ok_or_else(ApiError::blob_unknown)?;
     let size = blob.size;
-    blob_response(digest, size, head, range, |start, len| {
-        body::file_body(blob.file, start, len)
-    })
+    let content = BlobContent::File(Arc::new(blob.file));
+    blob_response(digest, size, head, range, content, sender)
 }
 
-/// A blob answer of `size` bytes, honouring `Range`; `body(start, len)` makes the bytes.
+/// Where a blob answer's bytes come from.
+pub enum BlobContent {
+    /// A stored file.
+    File(Arc<std::fs::File>),
+    /// A download in flight; the function makes the file ranges of bytes
+    /// `start..start + len` as they arrive.
+    Ranges(Box<dyn FnOnce(u64, u64) -> RangeStream + Send>),
+    /// No body at all (a HEAD answered from a remote size).
+    Empty,
+}
+
+/// A blob answer of `size` bytes from `content`, honouring `Range`.
 pub fn blob_response(
     digest: &Digest,
     size: u64,
     head: bool,
     range: Option<&str>,
-    body: impl FnOnce(u64, u64) -> Body,
+    content: BlobContent,
+    sender: &FileSender,
 ) -> Result<Response<Body>> {
     let base = |status| -> Result<http::response::Builder> {
         Ok(builder(status)
@@ -284,14 +315,21 @@ pub fn blob_response(
             .with_header(header::CONTENT_RANGE, hv(&format!("bytes */{size}"))?));
         }
     };
-    finish(
-        b,
-        if head {
-            body::empty()
-        } else {
-            body(start, len)
-        },
-    )
+    if head {
+        return finish(b, body::empty());
+    }
+    match content {
+        BlobContent::File(file) => finish(
+            b,
+            sender.file(FileRange {
+                file,
+                offset: start,
+                len,
+            }),
+        ),
+        BlobContent::Ranges(make) => finish(b, sender.body(make(start, len))),
+        BlobContent::Empty => finish(b, body::empty()),
+    }
 }
 
 pub async fn delete_blob(

@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use http::{Request, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -12,7 +14,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::body::FileSender;
 use super::tls::TlsSettings;
+use super::zerocopy::{FileQueue, SendfileStream};
 use super::{State, handle};
 
 /// Sockets bound by the caller (tests bind `127.0.0.1:0`).
@@ -29,6 +33,9 @@ fn builder(state: &State) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
+        // Body chunks are queued and written by reference, never copied: the zero-copy
+        // path (`zerocopy`) relies on it.
+        .writev(true)
         .header_read_timeout(cfg.header_timeout)
         .max_buf_size(cfg.max_header_bytes.max(8192));
     b.http2()
@@ -67,13 +74,21 @@ pub async fn serve(
     while let Some(conn) = conn_rx.recv().await {
         let st = state.clone();
         let peer = conn.peer;
-        let svc = service_fn(move |req| {
+        let files = FileQueue::default();
+        let queue = matches!(conn.io, Io::Plain(_)).then(|| files.clone());
+        let svc = service_fn(move |mut req: Request<Incoming>| {
             let st = st.clone();
+            // HTTP/2 frames may copy small payloads; only HTTP/1.x writes by reference.
+            if let Some(queue) = queue.as_ref().filter(|_| req.version() <= Version::HTTP_11) {
+                req.extensions_mut()
+                    .insert(FileSender::Sendfile(queue.clone()));
+            }
             async move { Ok::<_, std::convert::Infallible>(handle(st, req, peer).await) }
         });
         match conn.io {
             Io::Plain(s) => {
-                let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
+                let io = TokioIo::new(SendfileStream::new(s, files));
+                let c = builder.serve_connection(io, svc).into_owned();
                 tokio::spawn(graceful.watch(c));
             }
             Io::Tls(s) => {

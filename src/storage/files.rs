@@ -10,6 +10,14 @@ use std::path::{Path, PathBuf};
 
 use crate::oci::{Algorithm, Digest, Hasher};
 
+/// A byte range of an open blob file (stored, or still being downloaded), for sending.
+#[derive(Clone, Debug)]
+pub struct FileRange {
+    pub file: std::sync::Arc<File>,
+    pub offset: u64,
+    pub len: u64,
+}
+
 /// Blob files found on disk as (digest, path), and files whose names are not digests.
 pub type BlobListing = (Vec<(Digest, PathBuf)>, Vec<PathBuf>);
 

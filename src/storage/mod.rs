@@ -10,6 +10,7 @@
 mod cached;
 mod central;
 mod files;
+mod keys;
 mod maintenance;
 mod schema;
 mod uploads;
@@ -29,8 +30,9 @@ use files::BlobFiles;
 use schema::*;
 
 pub use cached::{AcceptClass, EvictReport, FetchedManifest, TagFreshness};
+pub use files::FileRange;
 pub use maintenance::{FsckReport, GcReport};
-pub use schema::{CentralDecisionRecord, CentralUserRecord, LinkOrigin, ReferrerRecord};
+pub use schema::{CentralDecisionRecord, CentralUserRecord, KeyRecord, LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
 
 /// A failure of the store itself (disk, database); always the server's fault.
@@ -105,6 +107,19 @@ pub enum PutManifestError {
     Immutable(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+/// What became of a request to delete a manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManifestDeletion {
+    Deleted,
+    /// The repository holds no such manifest.
+    Unknown,
+    /// Nothing was deleted: `tag` points to the manifest and may not go, under `rule`.
+    Protected {
+        tag: String,
+        rule: String,
+    },
 }
 
 /// A manifest as served: exact bytes, digest and media type.
@@ -202,6 +217,7 @@ impl Store {
             txn.open_table(REPOS)?;
             txn.open_table(UPLOADS)?;
             txn.open_table(REVOKED_KEYS)?;
+            txn.open_table(KNOWN_KEYS)?;
             txn.open_table(UPSTREAM_TAGS)?;
             txn.open_table(BLOB_ACCESS)?;
             txn.open_table(CENTRAL_USERS)?;
@@ -324,14 +340,17 @@ impl Store {
             .map_err(|_| StorageError::Task)?
     }
 
-    /// Removes a manifest from `repo`, with the tags pointing at it and its referrer entry.
+    /// Removes a manifest from `repo`, with the tags pointing at it and its referrer entry
+    /// — unless `protected` names a rule for one of those tags, in which case nothing is
+    /// removed. Decided in the deleting transaction, so no tag can slip in between.
     pub async fn delete_manifest(
         &self,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Result<bool, StorageError> {
+        protected: impl Fn(&str) -> Option<String> + Send + 'static,
+    ) -> Result<ManifestDeletion, StorageError> {
         let (repo, digest) = (repo.clone(), digest.clone());
-        self.blocking(move |i| i.delete_manifest(&repo, &digest))
+        self.blocking(move |i| i.delete_manifest(&repo, &digest, &protected))
             .await
     }
 
@@ -668,16 +687,21 @@ impl Inner {
         Ok(())
     }
 
-    fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, StorageError> {
+    fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        protected: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ManifestDeletion, StorageError> {
         let r = repo.as_str();
         let txn = self.db.begin_write()?;
-        {
+        let refused = 'delete: {
             if txn
                 .open_table(REPO_MANIFESTS)?
                 .remove((r, digest.as_str()))?
                 .is_none()
             {
-                return Ok(false);
+                break 'delete Some(ManifestDeletion::Unknown);
             }
             let mut tags = txn.open_table(TAGS)?;
             let mut doomed = Vec::new();
@@ -690,6 +714,12 @@ impl Inner {
                 if TagRecord::decode(v.value())?.digest == digest.as_str() {
                     doomed.push(t.to_owned());
                 }
+            }
+            if let Some((tag, rule)) = doomed
+                .iter()
+                .find_map(|t| protected(t).map(|rule| (t.clone(), rule)))
+            {
+                break 'delete Some(ManifestDeletion::Protected { tag, rule });
             }
             for t in doomed {
                 tags.remove((r, t.as_str()))?;
@@ -708,8 +738,13 @@ impl Inner {
                 txn.open_table(REFERRERS)?
                     .remove((r, subject.as_str(), digest.as_str()))?;
             }
+            None
+        };
+        if let Some(outcome) = refused {
+            txn.abort()?;
+            return Ok(outcome);
         }
         txn.commit()?;
-        Ok(true)
+        Ok(ManifestDeletion::Deleted)
     }
 }

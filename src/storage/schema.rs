@@ -44,6 +44,9 @@ pub const CENTRAL_USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("ce
 /// The empty user name holds what the central registry serves anonymously.
 pub const CENTRAL_DECISIONS: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("central_decisions");
+/// API key id → [`KeyRecord`]: keys this store has seen authenticate, or that were issued
+/// for it. Claims only; no key is ever stored.
+pub const KNOWN_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("known_keys");
 
 const V1: u8 = 1;
 
@@ -321,6 +324,38 @@ impl CentralDecisionRecord {
     }
 }
 
+/// What is known of an API key, by id: its claims as signed, when this store learned of it
+/// and when it last authenticated. `[v1][JSON]`, so fields can be added.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyRecord {
+    pub subject: String,
+    /// The issuer id (a public key fingerprint) that signed the key.
+    pub issuer: String,
+    pub repos: Vec<String>,
+    /// Comma-separated, as in the key (`pull,push`).
+    pub actions: String,
+    /// Seconds since the Unix epoch, as are the other times.
+    pub issued_at: u64,
+    pub expires_at: u64,
+    pub recorded_at: u64,
+    #[serde(default)]
+    pub last_used: Option<u64>,
+}
+
+impl KeyRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![V1];
+        // Serializing a struct of strings and numbers cannot fail.
+        v.extend(serde_json::to_vec(self).unwrap_or_default());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<KeyRecord, DecodeError> {
+        check_version(b, "key")?;
+        serde_json::from_slice(&b[1..]).map_err(|_| DecodeError("key"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,6 +399,17 @@ mod tests {
             TagRecord::decode(&t).map(|t| t.digest).ok(),
             Some("sha256:00")
         );
+        let k = KeyRecord {
+            subject: "ci".into(),
+            issuer: "0123456789abcdef".into(),
+            repos: vec!["team/**".into()],
+            actions: "pull,push".into(),
+            issued_at: 1,
+            expires_at: 2,
+            recorded_at: 3,
+            last_used: Some(4),
+        };
+        assert_eq!(KeyRecord::decode(&k.encode()).ok(), Some(k));
         let u = UploadRecord::encode(8, "a/b");
         assert_eq!(
             UploadRecord::decode(&u).map(|u| (u.started, u.repo)).ok(),
@@ -377,5 +423,7 @@ mod tests {
         assert!(BlobRecord::decode(&[1, 0, 0]).is_err());
         assert!(ManifestRecord::decode(&[1, 200, 0, b'x']).is_err());
         assert!(TagRecord::decode(&[]).is_err());
+        assert!(KeyRecord::decode(&[2, b'{', b'}']).is_err());
+        assert!(KeyRecord::decode(&[1, b'{']).is_err());
     }
 }

@@ -116,9 +116,15 @@ impl Server {
     }
 
     pub fn start_with_config(config: &Path) -> Server {
+        Server::start_with_log(config, "info")
+    }
+
+    /// Like [`Server::start_with_config`], with `OUTPOST_LOG` set to `filter` (for
+    /// example `debug`, to check what the most verbose logs say).
+    pub fn start_with_log(config: &Path, filter: &str) -> Server {
         let mut child = Command::new(outpost_bin())
             .args(["serve", "--config", config.to_str().expect("utf8")])
-            .env("OUTPOST_LOG", "info")
+            .env("OUTPOST_LOG", filter)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
