@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
-use tokio::sync::watch;
+use futures_util::{FutureExt, Stream, StreamExt};
+use tokio::sync::{mpsc, watch};
 
 use super::CacheError;
 use crate::oci::{Digest, Hasher, RepoName};
 use crate::storage::{FileRange, Store};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// How a download stands.
 #[derive(Clone, Debug)]
@@ -143,9 +143,6 @@ impl Flights {
     }
 }
 
-/// Chunks the network side may run ahead of the writer thread.
-const WRITE_QUEUE: usize = 16;
-
 impl Flights {
     /// Waits until downloads of `digest` for any repository that are verified but still
     /// committing have finished, so that a client who has the whole blob and asks again,
@@ -171,10 +168,12 @@ impl Flights {
 
 /// The leader: fetches, writes, hashes, verifies, commits. Returns the size.
 ///
-/// The network side only receives; a blocking writer thread appends to the temp file,
-/// publishes progress and hashes, so receiving, writing and hashing overlap. Followers
-/// get the last byte as soon as the digest checks out: the commit (fsync, rename, redb)
-/// happens after that and is not on any client's path.
+/// The network side only receives, gathering what has already arrived into batches of
+/// up to [`BATCH`] bytes. Two blocking threads take each batch: one appends it to the
+/// temp file and tells followers, the other hashes it. Receiving, writing and hashing
+/// overlap, and followers are woken once per batch rather than once per network read.
+/// Followers get the last byte as soon as the digest checks out: the commit (fsync,
+/// rename, redb) happens after that and is not on any client's path.
 async fn download(
     fetch: &Fetch,
     temp: &Path,
@@ -184,43 +183,22 @@ async fn download(
     let file = std::fs::File::create(temp).map_err(CacheError::io)?;
     let size = resp.size;
     tx.send_replace(Progress::Receiving { size, written: 0 });
-    let (chunks, queue) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let (to_writer, writer_queue) = mpsc::channel::<Batch>(QUEUED_BATCHES);
+    let (to_hasher, hasher_queue) = mpsc::channel::<Batch>(QUEUED_BATCHES);
     let writer = {
         let tx = tx.clone();
-        let algorithm = fetch.digest.algorithm();
-        tokio::task::spawn_blocking(move || write_file(file, queue, algorithm, size, &tx))
+        tokio::task::spawn_blocking(move || write_file(file, writer_queue, size, &tx))
     };
-    let mut received = 0u64;
-    let mut body = resp.body;
-    let mut failure = None;
-    while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                failure = Some(CacheError::from(e));
-                break;
-            }
-        };
-        received += chunk.len() as u64;
-        if size.is_some_and(|s| received > s) {
-            failure = Some(CacheError::Invalid(
-                "upstream sent more bytes than it announced".into(),
-            ));
-            break;
-        }
-        if chunks.send(chunk).await.is_err() {
-            break; // The writer failed; its error is reported below.
-        }
-    }
-    drop(chunks);
-    let written = writer
-        .await
-        .map_err(|_| CacheError::Internal)?
-        .map_err(CacheError::io);
+    let algorithm = fetch.digest.algorithm();
+    let hasher = tokio::task::spawn_blocking(move || hash(hasher_queue, algorithm));
+    let failure = receive(resp.body, size, &to_writer, &to_hasher).await;
+    drop((to_writer, to_hasher));
+    let written = writer.await.map_err(|_| CacheError::Internal)?;
+    let actual = hasher.await.map_err(|_| CacheError::Internal)?;
     if let Some(e) = failure {
         return Err(e);
     }
-    let (actual, written) = written?;
+    let written = written.map_err(CacheError::io)?;
     if size.is_some_and(|s| s != written) {
         return Err(CacheError::Invalid(format!(
             "upstream sent {written} bytes of an announced {}",
@@ -243,24 +221,98 @@ async fn download(
     Ok(written)
 }
 
-/// The writer thread: appends every chunk to `file`, tells followers, then hashes it.
-/// Returns the digest and length of what was written.
+/// Network chunks handed to the writer and hasher threads together.
+type Batch = Arc<Vec<Bytes>>;
+
+/// Most bytes gathered into one batch.
+const BATCH: usize = 1 << 20;
+
+/// Batches the network side may run ahead of the slower of the two threads.
+const QUEUED_BATCHES: usize = 4;
+
+/// Receives the body into batches for the writer and the hasher. Returns why it
+/// stopped early, if it did (a thread that stopped reports its own error).
+async fn receive(
+    mut body: impl Stream<Item = Result<Bytes, UpstreamError>> + Unpin,
+    size: Option<u64>,
+    to_writer: &mpsc::Sender<Batch>,
+    to_hasher: &mpsc::Sender<Batch>,
+) -> Option<CacheError> {
+    let mut received = 0u64;
+    loop {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut ended = false;
+        // Wait for one chunk, then take whatever else has already arrived.
+        let mut next = body.next().await;
+        loop {
+            match next {
+                None => {
+                    ended = true;
+                    break;
+                }
+                Some(Err(e)) => return Some(CacheError::from(e)),
+                Some(Ok(chunk)) => {
+                    bytes += chunk.len();
+                    batch.push(chunk);
+                }
+            }
+            if bytes >= BATCH {
+                break;
+            }
+            match body.next().now_or_never() {
+                Some(n) => next = n,
+                None => break,
+            }
+        }
+        received += bytes as u64;
+        if size.is_some_and(|s| received > s) {
+            return Some(CacheError::Invalid(
+                "upstream sent more bytes than it announced".into(),
+            ));
+        }
+        if !batch.is_empty() {
+            let batch = Arc::new(batch);
+            if to_writer.send(Arc::clone(&batch)).await.is_err()
+                || to_hasher.send(batch).await.is_err()
+            {
+                return None;
+            }
+        }
+        if ended {
+            return None;
+        }
+    }
+}
+
+/// The writer thread: appends each batch to `file`, then tells followers. Returns the
+/// length written.
 fn write_file(
     mut file: std::fs::File,
-    mut queue: tokio::sync::mpsc::Receiver<Bytes>,
-    algorithm: crate::oci::Algorithm,
+    mut queue: mpsc::Receiver<Batch>,
     size: Option<u64>,
     tx: &watch::Sender<Progress>,
-) -> io::Result<(Digest, u64)> {
-    let mut hasher = Hasher::new(algorithm);
+) -> io::Result<u64> {
     let mut written = 0u64;
-    while let Some(chunk) = queue.blocking_recv() {
-        file.write_all(&chunk)?;
-        written += chunk.len() as u64;
+    while let Some(batch) = queue.blocking_recv() {
+        for chunk in batch.iter() {
+            file.write_all(chunk)?;
+            written += chunk.len() as u64;
+        }
         tx.send_replace(Progress::Receiving { size, written });
-        hasher.update(&chunk);
     }
-    Ok((hasher.finish(), written))
+    Ok(written)
+}
+
+/// The hasher thread: the digest of every batch, in order.
+fn hash(mut queue: mpsc::Receiver<Batch>, algorithm: crate::oci::Algorithm) -> Digest {
+    let mut hasher = Hasher::new(algorithm);
+    while let Some(batch) = queue.blocking_recv() {
+        for chunk in batch.iter() {
+            hasher.update(chunk);
+        }
+    }
+    hasher.finish()
 }
 
 impl Follower {
