@@ -340,6 +340,29 @@ impl CentralAuth {
         self.record(ANONYMOUS, repo, true).await;
     }
 
+    /// Whether `remote` may be listed (`_catalog`) to `who`: only from remembered
+    /// answers, the caller's own or the anonymous ones, within `offline_grace`. Listing
+    /// never asks the central registry, so a repository the caller has not pulled yet
+    /// stays unlisted until they do.
+    pub async fn may_list(&self, who: Puller<'_>, remote: &RepoName) -> bool {
+        let repo = remote.as_str();
+        let now = now_secs();
+        let own = match who {
+            Puller::Anonymous => None,
+            Puller::User(u) => Some(u.name.as_str()),
+            Puller::TokenOf(name) => Some(name),
+        };
+        let allows = |key| async move {
+            self.decision(key, repo)
+                .await
+                .is_ok_and(|d| cached_allows(d, now, &self.rules))
+        };
+        match own {
+            Some(user) => allows(user).await || allows(ANONYMOUS).await,
+            None => allows(ANONYMOUS).await,
+        }
+    }
+
     /// A token holder's pull: the user's stored login must still stand (not refused
     /// online since) within its grace, and a remembered positive decision (the user's own,
     /// or anonymous) must hold. Never asks the central registry.

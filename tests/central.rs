@@ -134,6 +134,29 @@ async fn manifest(
     (status, r.text().await.unwrap_or_default())
 }
 
+/// The repositories `_catalog` lists to the caller (nothing if refused).
+async fn catalog(server: &Server, authorization: Option<&str>) -> Vec<String> {
+    let mut r = client().get(server.url("/v2/_catalog"));
+    if let Some(a) = authorization {
+        r = r.header("Authorization", a);
+    }
+    let body: serde_json::Value = r
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .unwrap_or_default();
+    body["repositories"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 async fn metrics(server: &Server) -> String {
     client()
         .get(server.url("/metrics"))
@@ -461,6 +484,18 @@ async fn token_auth_decisions_are_per_user_and_survive_restart_offline() {
             .0,
         401
     );
+
+    // _catalog lists, of the central repositories stored here, only those the central
+    // registry is remembered to serve to the caller.
+    assert_eq!(
+        catalog(&server, Some(&basic("alice", ALICE_PW))).await,
+        ["central.corp/team/app"]
+    );
+    assert_eq!(
+        catalog(&server, Some(&basic("bob", BOB_PW))).await,
+        ["central.corp/other/thing"]
+    );
+    assert!(catalog(&server, None).await.is_empty());
 
     let (_, t) = token(&server, "alice", ALICE_PW, "team/app").await;
     let claims = token_claims(&t.expect("token"));

@@ -37,7 +37,7 @@ use crate::central::{CentralAuth, CentralError, Puller};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::namespace::{self, Namespace, NamespaceError};
-use crate::oci::ErrorCode;
+use crate::oci::{ErrorCode, RepoName};
 use crate::storage::Store;
 pub use body::Body;
 use body::FileSender;
@@ -334,14 +334,44 @@ async fn central_gate(
     if !central.is_central(*index) || action != Action::Pull {
         return Ok(());
     }
-    let who = match principal {
-        Principal::Key(_) => return Ok(()),
-        Principal::Token(claims) if claims.key_id.is_some() => return Ok(()),
-        Principal::Token(claims) if claims.central => Puller::TokenOf(&claims.subject),
-        Principal::Token(_) | Principal::Anonymous => Puller::Anonymous,
-        Principal::Central(user) => Puller::User(user),
+    let Some(who) = puller(principal) else {
+        return Ok(());
     };
     central.may_pull(who, remote).await.map_err(ApiError::from)
+}
+
+/// Who `principal` is to the central registry; `None` for API keys (and tokens obtained
+/// with one), which carry their issuer's grant and need no central check.
+fn puller(principal: &Principal) -> Option<Puller<'_>> {
+    match principal {
+        Principal::Key(_) => None,
+        Principal::Token(claims) if claims.key_id.is_some() => None,
+        Principal::Token(claims) if claims.central => Some(Puller::TokenOf(&claims.subject)),
+        Principal::Token(_) | Principal::Anonymous => Some(Puller::Anonymous),
+        Principal::Central(user) => Some(Puller::User(user)),
+    }
+}
+
+/// Whether `repo` (a canonical name the policy already lets `principal` pull) may be
+/// listed to it: repositories of the central registry also need a remembered positive
+/// answer of the central registry (see [`central_gate`]).
+pub(crate) async fn central_lists(state: &State, principal: &Principal, repo: &RepoName) -> bool {
+    let Some(central) = &state.central else {
+        return true;
+    };
+    let Ok(resolved) = namespace::resolve(&state.config, repo, None) else {
+        return false;
+    };
+    let Namespace::Upstream { index, remote } = resolved.namespace else {
+        return true;
+    };
+    if !central.is_central(index) {
+        return true;
+    }
+    match puller(principal) {
+        None => true,
+        Some(who) => central.may_list(who, &remote).await,
+    }
 }
 
 /// Resolves the route's repository to its namespace, rewriting it to the canonical

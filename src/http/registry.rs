@@ -512,20 +512,20 @@ pub async fn tags(state: &State, repo: &RepoName, page: &Page) -> Result<Respons
 }
 
 pub async fn catalog(state: &State, ctx: &Ctx, page: &Page) -> Result<Response<Body>> {
-    let visible = state
-        .store
-        .repositories()
-        .await?
-        .into_iter()
-        .filter(|r| {
-            r.parse::<RepoName>().is_ok_and(|r| {
-                state
-                    .auth
-                    .allowed(&ctx.principal, &r)
-                    .contains(Action::Pull)
-            })
-        })
-        .collect();
+    let mut visible = Vec::new();
+    for name in state.store.repositories().await? {
+        let Ok(repo) = name.parse::<RepoName>() else {
+            continue;
+        };
+        if state
+            .auth
+            .allowed(&ctx.principal, &repo)
+            .contains(Action::Pull)
+            && super::central_lists(state, &ctx.principal, &repo).await
+        {
+            visible.push(name);
+        }
+    }
     list_response("/v2/_catalog", "repositories", None, visible, page)
 }
 
