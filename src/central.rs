@@ -10,18 +10,21 @@
 //! The user's credentials are used only to ask the central registry about that user;
 //! content is always fetched with Outpost's own upstream credentials (`cache`).
 //!
-//! What is stored: the user name, a salted HMAC-SHA256 of the credential (per-record
-//! random salt; never the password), when it was last confirmed, and per repository the
-//! central registry's last answer and when. The empty user name holds the repositories
+//! What is stored: the user name, a salted PBKDF2-HMAC-SHA256 of the credential
+//! (per-record random salt; never the password), when it was last confirmed, and per
+//! repository the central registry's last answer and when. The empty user name holds the repositories
 //! the central registry serves anonymously. Nothing here logs a password; metrics count
 //! outcomes under fixed labels, never a user name.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
+use subtle::ConstantTimeEq;
+
 use crate::auth::central::{
     CentralRules, Decision, LoginStep, Offline, RepoStep, cached_allows, credential_hash,
-    credential_matches, judge_login, judge_repo, new_salt,
+    credential_key, credential_matches, judge_login, judge_repo, new_salt,
 };
 use crate::auth::{CentralLogin, CentralUser};
 use crate::metrics::Metrics;
@@ -107,6 +110,9 @@ pub enum Puller<'a> {
     TokenOf(&'a str),
 }
 
+/// A keyed digest of a credential and the stored hash it matched.
+type VerifiedCredential = ([u8; 32], [u8; 32]);
+
 /// Cached central-registry logins for one central upstream. Build once, share.
 pub struct CentralAuth {
     upstream: Upstream,
@@ -117,10 +123,13 @@ pub struct CentralAuth {
     metrics: Arc<Metrics>,
     users: Mutex<HashMap<String, Option<CentralUserRecord>>>,
     decisions: Mutex<HashMap<(String, String), Option<Decision>>>,
-    /// Credentials the central registry refused lately: keyed hash → until (Unix seconds).
+    /// Credentials the central registry refused lately: keyed digest → until (Unix seconds).
     rejected: Mutex<HashMap<[u8; 32], u64>>,
-    /// Process-random salt of the `rejected` keys.
-    rejected_salt: [u8; 16],
+    /// Credentials that matched a stored hash in this process: user → (keyed digest of
+    /// the credential, the stored hash it matched). Spares the slow hash on every request.
+    verified: Mutex<HashMap<String, VerifiedCredential>>,
+    /// Process-random key of the `rejected` and `verified` digests.
+    process_key: [u8; 16],
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -147,7 +156,8 @@ impl CentralAuth {
             users: Mutex::default(),
             decisions: Mutex::default(),
             rejected: Mutex::default(),
-            rejected_salt: new_salt()?,
+            verified: Mutex::default(),
+            process_key: new_salt()?,
             locks: Mutex::default(),
         })
     }
@@ -206,7 +216,7 @@ impl CentralAuth {
                 };
                 let record = CentralUserRecord {
                     salt,
-                    hash: credential_hash(&salt, user, password),
+                    hash: stored_hash(salt, user, password).await?,
                     verified_at: now_secs(),
                 };
                 self.set_user(user, Some(record));
@@ -296,7 +306,7 @@ impl CentralAuth {
                 // The password changed since the login was confirmed.
                 if let Puller::User(u) = who
                     && let Some(record) = self.user_record(&u.name).await?
-                    && credential_matches(&record.salt, &record.hash, &u.name, u.password.expose())
+                    && self.matches(&record, &u.name, u.password.expose()).await
                 {
                     self.invalidate(&u.name, record).await;
                 }
@@ -431,10 +441,10 @@ impl CentralAuth {
         user: &str,
         password: &str,
     ) -> Result<(Option<CentralUserRecord>, LoginStep), CentralError> {
-        let matching = self
-            .user_record(user)
-            .await?
-            .filter(|r| credential_matches(&r.salt, &r.hash, user, password));
+        let matching = match self.user_record(user).await? {
+            Some(r) if self.matches(&r, user, password).await => Some(r),
+            _ => None,
+        };
         let step = judge_login(matching.map(|r| r.verified_at), now_secs(), &self.rules);
         Ok((matching, step))
     }
@@ -531,7 +541,34 @@ impl CentralAuth {
     }
 
     fn rejected_key(&self, user: &str, password: &str) -> [u8; 32] {
-        credential_hash(&self.rejected_salt, user, password)
+        credential_key(&self.process_key, user, password)
+    }
+
+    /// Whether `user`/`password` made `record`'s hash: from memory if this process has
+    /// matched them before, otherwise with the slow hash on the blocking pool.
+    async fn matches(&self, record: &CentralUserRecord, user: &str, password: &str) -> bool {
+        let quick = credential_key(&self.process_key, user, password);
+        if lock(&self.verified)
+            .get(user)
+            .is_some_and(|(k, h)| *h == record.hash && bool::from(k.ct_eq(&quick)))
+        {
+            return true;
+        }
+        let (salt, hash) = (record.salt, record.hash);
+        let (user_owned, password) = (user.to_owned(), Zeroizing::new(password.to_owned()));
+        let matched = tokio::task::spawn_blocking(move || {
+            credential_matches(&salt, &hash, &user_owned, &password)
+        })
+        .await
+        .unwrap_or(false);
+        if matched {
+            let mut verified = lock(&self.verified);
+            if verified.len() >= MAX_CACHED {
+                verified.clear();
+            }
+            verified.insert(user.to_owned(), (quick, record.hash));
+        }
+        matched
     }
 
     fn recently_rejected(&self, user: &str, password: &str, now: u64) -> bool {
@@ -566,6 +603,14 @@ impl CentralAuth {
         };
         mutex.lock_owned().await
     }
+}
+
+/// The slow stored hash of a credential, computed on the blocking pool.
+async fn stored_hash(salt: [u8; 16], user: &str, password: &str) -> Result<[u8; 32], CentralError> {
+    let (user, password) = (user.to_owned(), Zeroizing::new(password.to_owned()));
+    tokio::task::spawn_blocking(move || credential_hash(&salt, &user, &password))
+        .await
+        .map_err(|e| CentralError::Storage(e.to_string()))
 }
 
 fn display_user(key: &str) -> &str {

@@ -20,6 +20,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -34,7 +35,7 @@ pub const HASH_LEN: usize = 32;
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
 /// Domain separation for the credential hash.
-const HASH_DOMAIN: &[u8] = b"outpost-central-credential-v1\0";
+const HASH_DOMAIN: &[u8] = b"outpost-central-credential-v2\0";
 
 /// The time limits of cached central decisions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,24 +56,27 @@ impl CentralRules {
     }
 }
 
-/// A salted hash of a user's credential: HMAC-SHA256 keyed by a per-record random salt
-/// over the user name and password. The password itself is never stored.
+/// PBKDF2 rounds of a stored credential hash: enough that a stolen copy of the database
+/// costs an attacker milliseconds per guess, paid here once per credential and process
+/// (`CentralAuth` then remembers the match in memory under [`credential_key`]).
+pub const CREDENTIAL_ROUNDS: u32 = 20_000;
+
+/// The hash stored for a user's credential: PBKDF2-HMAC-SHA256 with a per-record random
+/// salt over the user name and password. The password itself is never stored. Slow on
+/// purpose: call it off the async executor.
 pub fn credential_hash(salt: &[u8; SALT_LEN], user: &str, password: &str) -> [u8; HASH_LEN] {
-    // HMAC takes keys of any length, so this constructor cannot fail; the fallback keeps
-    // the function total without a panic path.
-    let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(salt) else {
+    let input = Zeroizing::new(credential_input(user, password));
+    let mut out = [0u8; HASH_LEN];
+    // HMAC takes keys of any length, so this cannot fail; the fallback (a hash nothing
+    // matches but itself) keeps the function total without a panic path.
+    if pbkdf2::pbkdf2::<Hmac<Sha256>>(&input, salt, CREDENTIAL_ROUNDS, &mut out).is_err() {
         return [0; HASH_LEN];
-    };
-    mac.update(HASH_DOMAIN);
-    // Length-prefixed so that ("a:b", "c") and ("a", "b:c") never collide.
-    mac.update(&(user.len() as u64).to_le_bytes());
-    mac.update(user.as_bytes());
-    mac.update(password.as_bytes());
-    mac.finalize().into_bytes().into()
+    }
+    out
 }
 
 /// Whether `user`/`password` is the credential a stored salt and hash were made from.
-/// Constant time in the hash comparison.
+/// Constant time in the hash comparison. Slow, like [`credential_hash`].
 pub fn credential_matches(
     salt: &[u8; SALT_LEN],
     hash: &[u8; HASH_LEN],
@@ -80,6 +84,27 @@ pub fn credential_matches(
     password: &str,
 ) -> bool {
     credential_hash(salt, user, password).ct_eq(hash).into()
+}
+
+/// A fast keyed digest of a credential (HMAC-SHA256 under `key`), for in-memory maps
+/// keyed by a process-random key. Never stored: it would be cheap to brute-force.
+pub fn credential_key(key: &[u8; SALT_LEN], user: &str, password: &str) -> [u8; HASH_LEN] {
+    let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(key) else {
+        return [0; HASH_LEN];
+    };
+    mac.update(&credential_input(user, password));
+    mac.finalize().into_bytes().into()
+}
+
+/// What the hashes cover: a domain tag, then the user name length-prefixed so that
+/// ("a:b", "c") and ("a", "b:c") never collide, then the password.
+fn credential_input(user: &str, password: &str) -> Vec<u8> {
+    let mut input = Vec::with_capacity(HASH_DOMAIN.len() + 8 + user.len() + password.len());
+    input.extend_from_slice(HASH_DOMAIN);
+    input.extend_from_slice(&(user.len() as u64).to_le_bytes());
+    input.extend_from_slice(user.as_bytes());
+    input.extend_from_slice(password.as_bytes());
+    input
 }
 
 /// A fresh random salt.
