@@ -90,6 +90,64 @@ pub async fn read_limited(
     Ok(Some(buf.into()))
 }
 
+/// Wraps `body` so that `done(bytes_sent, complete)` runs when it is dropped: after its
+/// last frame, or early when the client went away (`complete` is then false).
+pub fn on_done(body: Body, done: impl FnOnce(u64, bool) + Send + 'static) -> Body {
+    BodyExt::boxed_unsync(Tracked {
+        inner: body,
+        bytes: 0,
+        ended: false,
+        done: Some(Box::new(done)),
+    })
+}
+
+struct Tracked {
+    inner: Body,
+    bytes: u64,
+    /// The inner body said it has no more frames.
+    ended: bool,
+    done: Option<Box<dyn FnOnce(u64, bool) + Send>>,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<io::Result<Frame<Bytes>>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) => self.ended = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let complete = self.ended || hyper::body::Body::is_end_stream(&self.inner);
+            done(self.bytes, complete);
+        }
+    }
+}
+
 /// File ranges to send, in order: one for a stored blob, a series for a download in
 /// flight (each as the bytes become available).
 pub type RangeStream = Pin<Box<dyn Stream<Item = io::Result<FileRange>> + Send>>;
@@ -165,4 +223,46 @@ fn read_body(ranges: RangeStream) -> Body {
         }
     });
     BodyExt::boxed_unsync(StreamBody::new(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// What `on_done` reported: bytes sent and whether the body finished.
+    type Seen = Arc<Mutex<Option<(u64, bool)>>>;
+
+    fn recorder() -> (Seen, impl FnOnce(u64, bool) + Send) {
+        let seen = Arc::new(Mutex::new(None));
+        let sink = Arc::clone(&seen);
+        (seen, move |bytes, complete| {
+            *sink.lock().expect("lock") = Some((bytes, complete));
+        })
+    }
+
+    #[tokio::test]
+    async fn on_done_reports_bytes_and_whether_the_body_was_finished() {
+        let (seen, done) = recorder();
+        let body = on_done(full(&b"0123456789"[..]), done);
+        let collected = body.collect().await.expect("collect").to_bytes();
+        assert_eq!(collected.len(), 10);
+        assert_eq!(*seen.lock().expect("lock"), Some((10, true)));
+
+        // A streamed body abandoned after its first chunk.
+        let (seen, done) = recorder();
+        let chunks = futures_util::stream::iter([
+            Ok(Bytes::from_static(b"abc")),
+            Ok(Bytes::from_static(b"def")),
+        ]);
+        let mut body = on_done(stream_of(chunks), done);
+        let first = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(first.into_data().expect("data").len(), 3);
+        drop(body);
+        assert_eq!(*seen.lock().expect("lock"), Some((3, false)));
+    }
+
+    fn stream_of(chunks: impl Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
+        BodyExt::boxed_unsync(StreamBody::new(chunks.map(|c| c.map(Frame::data))))
+    }
 }

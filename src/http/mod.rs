@@ -156,17 +156,26 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
         .request_seconds
         .get_or_create(&RouteLabels { route: route_name })
         .observe(elapsed.as_secs_f64());
-    tracing::info!(
-        request_id = id,
-        %method,
-        path = %path,
-        route = route_name,
-        principal = %subject,
-        status,
-        elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-        "request"
-    );
-    response
+    // The request log line is written when the body is done (sent, or abandoned by the
+    // client), so it can say how many bytes went out and how long the whole took.
+    let headers_ms = elapsed.as_secs_f64() * 1000.0;
+    response.map(|b| {
+        body::on_done(b, move |bytes, complete| {
+            tracing::info!(
+                request_id = id,
+                %method,
+                path = %path,
+                route = route_name,
+                principal = %subject,
+                status,
+                bytes,
+                complete,
+                headers_ms,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        })
+    })
 }
 
 fn error_response(e: ApiError) -> Response<Body> {
