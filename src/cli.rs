@@ -1,6 +1,9 @@
 //! The command-line interface: argument definitions and the commands behind them.
 //! Commands return their output as text; only `main` prints and picks exit codes.
 
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -9,8 +12,11 @@ use clap::{Parser, Subcommand};
 
 use crate::admin::{self, AdminRequest};
 use crate::auth::{
-    Actions, KeyClaims, KeyRequest, decode_unverified, issue_key, load_signing_key,
+    Actions, KeyClaims, KeyRequest, Secret, decode_unverified, issue_key, load_signing_key,
     write_issuer_pair,
+};
+use crate::clientconfig::{
+    self, CONTAINERD_DEFAULT_DIR, ContainerdOptions, GeneratedFile, KeyHeader, MirrorUrl,
 };
 use crate::config::{Config, DEFAULT_TOML, parse_duration};
 use crate::keyring::{self, inventory::Listing};
@@ -52,6 +58,9 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Write client configuration that points nodes at this Outpost.
+    #[command(subcommand)]
+    ClientConfig(ClientConfigCommand),
     /// Verify every blob's digest and every reference; exits 1 on any problem.
     ///
     /// Works with the daemon running (through its admin socket) or stopped.
@@ -143,6 +152,76 @@ pub enum KeyCommand {
         /// One JSON object, `{"keys": [...], "warnings": [...]}`, instead of the table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientConfigCommand {
+    /// Write containerd hosts.toml files that pull every configured upstream through Outpost
+    ///
+    /// For each upstream's name and aliases, DIR/<registry>/hosts.toml names Outpost as a
+    /// mirror host with capabilities ["pull", "resolve"] (containerd adds ?ns=<registry> to
+    /// each request) and the registry itself as the fallback server (Docker Hub's
+    /// registry-1.docker.io for docker.io). Files are replaced atomically, and only when
+    /// they differ. With --key-file, each file carries "Authorization: Bearer <key>" for
+    /// Outpost and is written mode 0600; the key is never printed.
+    ///
+    /// Examples:
+    ///   outpost client-config containerd --config /etc/outpost/outpost.toml
+    ///   outpost client-config containerd --config outpost.toml --stdout
+    ///   outpost client-config containerd --config outpost.toml \
+    ///       --server https://outpost.site:5443 --key-file /etc/outpost/node.key \
+    ///       --ca /etc/containerd/outpost-ca.pem
+    #[command(verbatim_doc_comment)]
+    Containerd {
+        /// Outpost's configuration file, whose upstreams the files are for.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Directory containerd reads hosts.toml files from: the CRI plugin's registry
+        /// config_path, or ctr's --hosts-dir [default: /etc/containerd/certs.d].
+        #[arg(long, visible_alias = "out", value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Print the files, each after a line naming its path, instead of writing them
+        /// (a key is shown as [REDACTED]).
+        #[arg(long, conflicts_with = "dir")]
+        stdout: bool,
+        /// Outpost's URL as the nodes reach it [default: the config's server.public_url].
+        #[arg(long, visible_alias = "mirror-url", value_name = "URL")]
+        server: Option<String>,
+        /// File holding the node's API key, sent to Outpost as a Bearer header.
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
+        /// CA certificate (absolute path on the node) that signed Outpost's certificate.
+        #[arg(long, value_name = "PATH")]
+        ca: Option<PathBuf>,
+        /// Do not verify Outpost's TLS certificate (tests only).
+        #[arg(long, conflicts_with = "ca")]
+        skip_verify: bool,
+    },
+    /// Print registries.conf entries that pull every configured upstream through Outpost
+    ///
+    /// For podman, CRI-O, buildah and skopeo (containers-registries.conf(5), version 2):
+    /// per upstream name and alias, a [[registry]] whose mirror is Outpost in the
+    /// path-prefix form, <outpost host:port>/<upstream>, with insecure = true when Outpost's
+    /// URL is plain http. With --output, the file is replaced atomically, and only when it
+    /// differs.
+    ///
+    /// Examples:
+    ///   outpost client-config registries-conf --config /etc/outpost/outpost.toml
+    ///   outpost client-config registries-conf --config outpost.toml \
+    ///       --output /etc/containers/registries.conf.d/50-outpost.conf
+    ///   skopeo --registries-conf 50-outpost.conf inspect docker://docker.io/library/alpine
+    #[command(verbatim_doc_comment)]
+    RegistriesConf {
+        /// Outpost's configuration file, whose upstreams the entries are for.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write the entries to this file instead of stdout.
+        #[arg(long, short, value_name = "PATH")]
+        output: Option<PathBuf>,
+        /// Outpost's URL as clients reach it [default: the config's server.public_url].
+        #[arg(long, visible_alias = "mirror-url", value_name = "URL")]
+        server: Option<String>,
     },
 }
 
@@ -323,11 +402,232 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Key(KeyCommand::List { config, json }) => {
             list_keys(&load_config(Some(&config))?, json)
         }
+        Command::ClientConfig(command) => client_config(command),
         Command::Gc { config } => admin(&load_config(Some(&config))?, AdminRequest::Gc),
         Command::Fsck { config, repair } => {
             admin(&load_config(Some(&config))?, AdminRequest::Fsck { repair })
         }
     }
+}
+
+/// `outpost client-config`: generates the files, then writes or prints them.
+fn client_config(command: ClientConfigCommand) -> anyhow::Result<Outcome> {
+    match command {
+        ClientConfigCommand::Containerd {
+            config,
+            dir,
+            stdout,
+            server,
+            key_file,
+            ca,
+            skip_verify,
+        } => {
+            let config = load_config(Some(&config))?;
+            let mut warnings = String::new();
+            let mirror = mirror_url(server.as_deref(), &config, &mut warnings)?;
+            let key = match &key_file {
+                Some(path) => Some(read_key_file(path, &mut warnings)?),
+                None => None,
+            };
+            let header = match (&key, stdout) {
+                (None, _) => KeyHeader::None,
+                (Some(_), true) => KeyHeader::Redacted,
+                (Some((key, _)), false) => KeyHeader::Key(key),
+            };
+            if key.is_some() && mirror.is_plain_http() {
+                warnings.push_str(
+                    "outpost: warning: the key goes to Outpost over plain http, readable on the way\n",
+                );
+            }
+            if (ca.is_some() || skip_verify) && mirror.is_plain_http() {
+                warnings.push_str(
+                    "outpost: warning: --ca and --skip-verify do nothing for a plain http mirror\n",
+                );
+            }
+            let files = clientconfig::containerd_hosts(
+                &config,
+                &ContainerdOptions {
+                    mirror: mirror.clone(),
+                    key: header,
+                    ca,
+                    skip_verify,
+                },
+            )?;
+            let dir = dir.unwrap_or_else(|| PathBuf::from(CONTAINERD_DEFAULT_DIR));
+            if stdout {
+                if key.is_some() {
+                    warnings.push_str(
+                        "outpost: the key is shown as [REDACTED]; write the files to put it in\n",
+                    );
+                }
+                let shown: Vec<String> = files
+                    .iter()
+                    .map(|f| format!("# ==> {} <==\n{}", dir.join(&f.path).display(), f.contents))
+                    .collect();
+                return Ok(Outcome {
+                    stdout: shown.join("\n"),
+                    stderr: warnings,
+                    failed: false,
+                });
+            }
+            let (mut report, written) = install(&dir, &files)?;
+            let with_key = match &key {
+                Some((_, Some(id))) => format!(", with the Authorization header of key {id}"),
+                Some((_, None)) => ", with the Authorization header".to_owned(),
+                None => String::new(),
+            };
+            report.push_str(&format!(
+                "{} hosts.toml file(s) for mirror {mirror}{with_key}: {written} written, {} unchanged\n",
+                files.len(),
+                files.len() - written,
+            ));
+            Ok(Outcome {
+                stdout: report,
+                stderr: warnings,
+                failed: false,
+            })
+        }
+        ClientConfigCommand::RegistriesConf {
+            config,
+            output,
+            server,
+        } => {
+            let config = load_config(Some(&config))?;
+            let mut warnings = String::new();
+            let mirror = mirror_url(server.as_deref(), &config, &mut warnings)?;
+            let text = clientconfig::registries_conf(&config, &mirror)?;
+            let Some(path) = output else {
+                return Ok(Outcome {
+                    stdout: text,
+                    stderr: warnings,
+                    failed: false,
+                });
+            };
+            let file = GeneratedFile {
+                path: path.clone(),
+                contents: text,
+                secret: false,
+            };
+            let verb = if write_if_changed(&path, &file)? {
+                "wrote"
+            } else {
+                "unchanged"
+            };
+            Ok(Outcome {
+                stdout: format!("{verb} {}\n", path.display()),
+                stderr: warnings,
+                failed: false,
+            })
+        }
+    }
+}
+
+/// Writes each file under `dir` when it differs; returns one line per file saying what
+/// happened, and how many were written.
+fn install(dir: &Path, files: &[GeneratedFile]) -> anyhow::Result<(String, usize)> {
+    let mut report = String::new();
+    let mut written = 0;
+    for f in files {
+        let path = dir.join(&f.path);
+        let changed = write_if_changed(&path, f)?;
+        written += usize::from(changed);
+        let verb = if changed { "wrote" } else { "unchanged" };
+        report.push_str(&format!("{verb} {}\n", path.display()));
+    }
+    Ok((report, written))
+}
+
+/// Outpost's URL for clients: `--server`, else the config's `public_url`, which may name
+/// only this machine (the embedded default's `localhost`): then a warning says so.
+fn mirror_url(
+    server: Option<&str>,
+    config: &Config,
+    warnings: &mut String,
+) -> anyhow::Result<MirrorUrl> {
+    let mirror = MirrorUrl::parse(server.unwrap_or(&config.server.public_url))?;
+    if server.is_none() && mirror.is_loopback() {
+        warnings.push_str(&format!(
+            "outpost: warning: server.public_url {mirror} names this machine only; give \
+             --server with the URL other nodes reach Outpost at\n"
+        ));
+    }
+    Ok(mirror)
+}
+
+/// Reads a node's API key (surrounding whitespace dropped) and, when it has the format of
+/// an Outpost key, its id; warns (never showing the key) when it does not, or has expired.
+fn read_key_file(path: &Path, warnings: &mut String) -> anyhow::Result<(Secret, Option<String>)> {
+    let text = Secret::new(
+        fs::read_to_string(path)
+            .with_context(|| format!("reading the key file {}", path.display()))?,
+    );
+    let key = Secret::new(text.expose().trim());
+    clientconfig::check_key(&key).with_context(|| format!("key file {}", path.display()))?;
+    let id = match decode_unverified(key.expose()) {
+        Ok(claims) => {
+            if claims.expires_at <= now_secs() {
+                warnings.push_str(&format!(
+                    "outpost: warning: key {} expired at {}; Outpost will refuse it\n",
+                    claims.id,
+                    fmt_time(claims.expires_at)
+                ));
+            }
+            Some(claims.id)
+        }
+        Err(_) => {
+            warnings.push_str(&format!(
+                "outpost: warning: {} does not hold an Outpost API key; it is sent as it is\n",
+                path.display()
+            ));
+            None
+        }
+    };
+    Ok((key, id))
+}
+
+/// Writes `file` at `path` unless it already holds exactly that (and, for a secret, is
+/// readable by its owner only). Atomic: a temp file in the same directory, fsync, rename,
+/// fsync of the directory, so containerd never reads half a file. Returns whether it wrote.
+fn write_if_changed(path: &Path, file: &GeneratedFile) -> anyhow::Result<bool> {
+    let mode = if file.secret { 0o600 } else { 0o644 };
+    if let Ok(meta) = fs::metadata(path)
+        && meta.is_file()
+        && (!file.secret || meta.permissions().mode() & 0o077 == 0)
+        && fs::read(path).is_ok_and(|old| old == file.contents.as_bytes())
+    {
+        return Ok(false);
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce)
+        .map_err(|e| anyhow::anyhow!("no randomness for a temp name: {e}"))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(nonce)));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have taken bits from 0644; a secret's 0600 it cannot widen.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(file.contents.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(true)
 }
 
 fn fmt_time(secs: u64) -> String {

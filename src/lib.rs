@@ -13,6 +13,8 @@
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
 //! - [`admin`]: the local admin socket through which CLI commands reach a running daemon.
 //! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
+//! - [`clientconfig`]: containerd `hosts.toml` files and `registries.conf` entries that
+//!   point nodes at Outpost, generated from the configured upstreams (pure text).
 //! - [`systemd`]: sd_notify (ready, reload, stop, watchdog) and journald or stderr logs.
 //!
 //! # Dependency direction
@@ -26,6 +28,7 @@ pub mod auth;
 pub mod cache;
 pub mod central;
 pub mod cli;
+pub mod clientconfig;
 pub mod config;
 pub mod http;
 pub mod keyring;

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::containerd::{Containerd, write_hosts_toml};
+use common::containerd::{Containerd, generate_hosts_toml};
 use common::fake::{FakeUpstream, Fault};
 use common::upstream::{UpstreamOptions, UpstreamRegistry};
 use common::*;
@@ -135,8 +135,9 @@ fn skopeo_pulls_through_token_auth_upstream_with_redirect() {
     );
 }
 
-/// containerd pulls through Outpost using a generated hosts.toml: it sends `?ns=docker.io`,
-/// which routes to the configured docker.io upstream (a local registry here).
+/// containerd pulls through Outpost using the hosts.toml that `outpost client-config
+/// containerd` generated from Outpost's own config: it sends `?ns=docker.io`, which routes
+/// to the configured docker.io upstream (a local registry here).
 #[test]
 fn containerd_pulls_through_hosts_toml() {
     let dir = tmp();
@@ -154,11 +155,10 @@ fn containerd_pulls_through_hosts_toml() {
     let server = outpost_for(dir.path(), &up.url(), "", "");
     let ctrd = Containerd::start(&dir.path().join("containerd"));
     let hosts = dir.path().join("hosts");
-    write_hosts_toml(
-        &hosts,
-        "docker.io",
-        &format!("http://{}", server.addr),
-        None,
+    let report = generate_hosts_toml(&server.config, &hosts, &[]);
+    assert!(
+        report.contains("docker.io/hosts.toml"),
+        "client-config report: {report}"
     );
     let out = ctrd.pull(&hosts, "docker.io/library/busybox:latest");
     assert!(

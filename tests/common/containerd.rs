@@ -1,6 +1,8 @@
 //! A real containerd (root only), with its root, state and sockets under a test directory,
 //! and `ctr` pulls configured the way an operator configures a mirror: a `hosts.toml` per
-//! registry in a hosts directory.
+//! registry in a hosts directory. Tests of Outpost use the files that
+//! `outpost client-config containerd` writes ([`generate_hosts_toml`]), so the product's
+//! own output is what containerd reads; [`write_hosts_toml`] is for testing the harness.
 //!
 //! `ctr` resolves and fetches in its own process (it reads `--hosts-dir` itself) and writes
 //! into the daemon's content store. containerd adds `?ns=<registry>` to every request it
@@ -160,6 +162,27 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs `outpost client-config containerd --config CONFIG --dir HOSTS_DIR EXTRA…` (the
+/// real binary) and returns its stdout; panics if it fails.
+pub fn generate_hosts_toml(config: &Path, hosts_dir: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "client-config",
+        "containerd",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--dir",
+        hosts_dir.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let out = super::outpost(&args);
+    assert!(
+        out.status.success(),
+        "client-config containerd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
 /// Writes `hosts_dir/<registry>/hosts.toml` as an operator would for a pull-only mirror in
