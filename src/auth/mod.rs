@@ -46,7 +46,7 @@ pub use keys::{
     KeyRequest, KeyVerifier, MAX_CLOCK_SKEW, MAX_KEY_LEN, MAX_SUBJECT_LEN, decode_unverified,
     issue_key, issuer_id, load_signing_key, load_verifying_key, write_issuer_pair,
 };
-pub use policy::{AccessRule, Identity, Policy, PolicyError};
+pub use policy::{AccessRule, Identity, Policy, PolicyError, unreachable_rules};
 pub use revocation::{
     RevocationLineError, RevocationSet, parse_revocation_file, parse_revocation_lines,
 };

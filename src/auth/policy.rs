@@ -41,6 +41,11 @@ pub enum PolicyError {
         pattern: String,
         reason: String,
     },
+    #[error(
+        "access rule {rule} never applies: rule {by} comes first and matches every repository \
+         it names (the first matching rule decides); merge them or reorder"
+    )]
+    Unreachable { rule: usize, by: usize },
     #[error("access rule {rule}: a user name is empty")]
     EmptyUserName { rule: usize },
     #[error(
@@ -76,6 +81,42 @@ struct Rule {
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+}
+
+/// Rules that can never match because an earlier rule covers every glob they name: the
+/// same glob, `**`, or a literal `prefix/**` above it. (Only these plain cases; globs are
+/// not compared in general.) Such a list is valid for [`Policy::new`], whose decisions
+/// stay well defined, but almost certainly not what the operator meant: configuration
+/// validation refuses it.
+pub fn unreachable_rules(rules: &[AccessRule]) -> Vec<PolicyError> {
+    let covers = |earlier: &str, glob: &str| {
+        earlier == glob
+            || earlier == "**"
+            || earlier.strip_suffix("/**").is_some_and(|prefix| {
+                !prefix.contains(['*', '?', '[', '{', '\\'])
+                    && glob
+                        .strip_prefix(prefix)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            })
+    };
+    let mut errors = Vec::new();
+    for (j, rule) in rules.iter().enumerate() {
+        if rule.repositories.is_empty() {
+            continue;
+        }
+        let by = rules[..j].iter().position(|earlier| {
+            rule.repositories
+                .iter()
+                .all(|g| earlier.repositories.iter().any(|e| covers(e, g)))
+        });
+        if let Some(i) = by {
+            errors.push(PolicyError::Unreachable {
+                rule: j + 1,
+                by: i + 1,
+            });
+        }
+    }
+    errors
 }
 
 /// Actions only an API key's own scope may grant.
@@ -238,6 +279,35 @@ mod tests {
         user: Some("alice"),
     };
     const SOMEONE: Identity<'static> = Identity::Authenticated { user: None };
+
+    #[test]
+    fn rules_shadowed_by_earlier_ones_are_reported() {
+        let rules = vec![
+            rule(&["docker.io/**"], "pull", ""),
+            rule(&["team/*"], "", "pull"),
+            rule(&["docker.io/library/*", "docker.io/x"], "", "pull"),
+            rule(&["team/*"], "pull", ""),
+            rule(&["team/app", "other/**"], "", "pull"),
+            rule(&["**"], "", ""),
+            rule(&["anything/at/all"], "pull", ""),
+        ];
+        assert_eq!(
+            unreachable_rules(&rules),
+            vec![
+                PolicyError::Unreachable { rule: 3, by: 1 },
+                PolicyError::Unreachable { rule: 4, by: 2 },
+                PolicyError::Unreachable { rule: 7, by: 6 },
+            ]
+        );
+        // A literal prefix only covers names below it, and glob prefixes are not compared.
+        let rules = vec![
+            rule(&["team/**"], "", "pull"),
+            rule(&["teamx/app"], "pull", ""),
+            rule(&["t*/**"], "", "pull"),
+            rule(&["tx/app"], "pull", ""),
+        ];
+        assert!(unreachable_rules(&rules).is_empty());
+    }
 
     #[test]
     fn product_default_shape() {

@@ -278,6 +278,11 @@ impl Validator {
             .enumerate()
             .map(|(i, a)| self.access_rule(i, a))
             .collect();
+        self.errors.extend(
+            crate::auth::unreachable_rules(&access)
+                .iter()
+                .map(ToString::to_string),
+        );
         let policy = match Policy::new(access.clone()) {
             Ok(p) => p,
             Err(errors) => {
