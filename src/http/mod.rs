@@ -100,6 +100,8 @@ impl State {
 pub struct Ctx {
     pub id: u64,
     pub principal: Principal,
+    /// The client's address, for the failed-authentication throttle.
+    pub peer: SocketAddr,
 }
 
 /// The request pipeline. Never fails: every error becomes an OCI error response.
@@ -125,7 +127,11 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
         let principal = authenticate(&state, &req, peer).await?;
         subject = principal.subject().to_owned();
         authorize(&state, &route, &namespace, &principal).await?;
-        let ctx = Ctx { id, principal };
+        let ctx = Ctx {
+            id,
+            principal,
+            peer,
+        };
         match namespace {
             Namespace::Hosted => dispatch(&state, &ctx, route, req).await,
             Namespace::Upstream { index, remote } => {
@@ -559,7 +565,12 @@ async fn token(state: &State, ctx: &Ctx, scopes: &[String]) -> Result<Response<B
             };
             match central.may_pull(Puller::User(user), &remote).await {
                 Ok(()) => kept.push(scope),
-                Err(e @ (CentralError::Storage(_) | CentralError::BadCredentials)) => {
+                Err(e @ CentralError::BadCredentials) => {
+                    // The password changed centrally: a failed login like any other.
+                    state.throttle.record_failure(ctx.peer.ip(), Instant::now());
+                    return Err(challenge(state, ApiError::from(e), None));
+                }
+                Err(e @ CentralError::Storage(_)) => {
                     return Err(challenge(state, ApiError::from(e), None));
                 }
                 // Refused there: the token grants nothing on this repository.
