@@ -573,15 +573,7 @@ impl Inner {
         scope: &str,
         sent: Option<&Credential>,
     ) -> Result<Option<Credential>, UpstreamError> {
-        let bearer = challenges
-            .iter()
-            .filter(|c| c.scheme == "bearer")
-            .find_map(|c| {
-                Some(BearerRealm {
-                    realm: c.param("realm").filter(|r| !r.is_empty())?.to_owned(),
-                    service: c.param("service").map(str::to_owned),
-                })
-            });
+        let bearer = BearerRealm::from_challenges(challenges);
         if let Some(realm) = bearer {
             let hint = AuthHint::Bearer(realm.clone());
             let same_realm = std::mem::replace(&mut *lock(&self.hint), hint.clone()) == hint;

@@ -45,6 +45,21 @@ pub struct BearerRealm {
     pub service: Option<String>,
 }
 
+impl BearerRealm {
+    /// The realm of the first usable Bearer challenge among `challenges`.
+    pub fn from_challenges(challenges: &[super::challenge::Challenge]) -> Option<BearerRealm> {
+        challenges
+            .iter()
+            .filter(|c| c.scheme == "bearer")
+            .find_map(|c| {
+                Some(BearerRealm {
+                    realm: c.param("realm").filter(|r| !r.is_empty())?.to_owned(),
+                    service: c.param("service").map(str::to_owned),
+                })
+            })
+    }
+}
+
 /// A token as granted by the realm.
 #[derive(Debug)]
 pub struct Grant {

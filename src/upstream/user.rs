@@ -230,15 +230,7 @@ impl Inner {
             .filter_map(|v| v.to_str().ok())
             .flat_map(challenge::parse)
             .collect();
-        let bearer = challenges
-            .iter()
-            .filter(|c| c.scheme == "bearer")
-            .find_map(|c| {
-                Some(BearerRealm {
-                    realm: c.param("realm").filter(|r| !r.is_empty())?.to_owned(),
-                    service: c.param("service").map(str::to_owned),
-                })
-            });
+        let bearer = BearerRealm::from_challenges(&challenges);
         if let Some(realm) = bearer {
             return Ok(Some(Scheme::Bearer(realm)));
         }
