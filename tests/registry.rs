@@ -180,6 +180,109 @@ async fn blob_bytes_are_identical_over_http1_and_h2c() {
     }
 }
 
+/// Pipelined HTTP/1.1: several requests written at once, answered in order on one
+/// connection. The sendfile path queues file ranges per connection, so the bytes of each
+/// response must still land in its own body, whatever mix of blobs, ranges, HEADs and
+/// manifests comes down the pipe.
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_get_their_own_bytes() {
+    use std::io::{Read, Write};
+
+    let dir = tmp();
+    let issuer = Issuer::new(&dir.path().join("keys"));
+    let server = Server::start(dir.path(), &issuer, "");
+    let key = issuer.issue("ci", &["team/**"], "pull,push", "1h");
+    let a = bytes(21, 1024 * 1024 + 17);
+    let b = bytes(22, 70_000);
+    let (da, _) = push_blob(&server, &key, "team/pipe", &a).await;
+    let (db, _) = push_blob(&server, &key, "team/pipe", &b).await;
+    let (_, manifest, _) = push_image(&server, &key, "team/pipe", "v1", 23).await;
+
+    let requests = [
+        ("GET", format!("/v2/team/pipe/blobs/{da}"), None),
+        (
+            "GET",
+            format!("/v2/team/pipe/blobs/{db}"),
+            Some("bytes=100-199"),
+        ),
+        ("HEAD", format!("/v2/team/pipe/blobs/{da}"), None),
+        ("GET", "/v2/team/pipe/manifests/v1".to_owned(), None),
+        ("GET", format!("/v2/team/pipe/blobs/{db}"), None),
+        (
+            "GET",
+            format!("/v2/team/pipe/blobs/{da}"),
+            Some("bytes=1048570-"),
+        ),
+    ];
+    let expected: Vec<Vec<u8>> = vec![
+        a.clone(),
+        b[100..200].to_vec(),
+        Vec::new(),
+        manifest.clone(),
+        b.clone(),
+        a[1_048_570..].to_vec(),
+    ];
+    let mut wire = String::new();
+    for (method, path, range) in &requests {
+        wire.push_str(&format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\n\
+             Accept: application/vnd.oci.image.manifest.v1+json\r\n",
+            server.addr
+        ));
+        if let Some(r) = range {
+            wire.push_str(&format!("Range: {r}\r\n"));
+        }
+        wire.push_str("\r\n");
+    }
+    let addr = server.addr.clone();
+    let bodies = tokio::task::spawn_blocking(move || {
+        let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .expect("timeout");
+        conn.write_all(wire.as_bytes()).expect("write");
+        let mut bodies = Vec::new();
+        let mut buf = Vec::new();
+        for (method, _, _) in requests {
+            // Read until the header block is complete.
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 65536];
+                let n = conn.read(&mut chunk).expect("read");
+                assert!(n > 0, "connection closed early");
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("content-length");
+            let len = if method == "HEAD" { 0 } else { len };
+            while buf.len() < head_end + len {
+                let mut chunk = [0u8; 65536];
+                let n = conn.read(&mut chunk).expect("read");
+                assert!(n > 0, "connection closed early");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            bodies.push(buf[head_end..head_end + len].to_vec());
+            buf.drain(..head_end + len);
+        }
+        bodies
+    })
+    .await
+    .expect("client");
+    for (i, (got, want)) in bodies.iter().zip(&expected).enumerate() {
+        assert!(
+            got == want,
+            "response {i}: {} bytes, wanted {}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
 /// A mount needs read access to the source: without it the registry answers 202 (a
 /// plain upload session) and does not link the blob.
 #[tokio::test(flavor = "multi_thread")]
