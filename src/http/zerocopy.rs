@@ -1,5 +1,6 @@
-//! Zero-copy blob responses on plain HTTP/1.x connections: stored files go from the page
-//! cache to the socket with `sendfile(2)`, never through user space.
+//! Zero-copy blob responses on plain HTTP/1.x connections: stored blobs and downloads in
+//! flight go from the page cache to the socket with `sendfile(2)`, never through user
+//! space.
 //!
 //! hyper only writes `Buf`s, so a file response's body yields *placeholder* chunks: slices
 //! of one static buffer that nothing else hands out. For each chunk it queues the file
@@ -11,8 +12,9 @@
 //! step: a placeholder slice that does not match the front of the queue fails the
 //! connection instead of sending the placeholder's zeros.
 //!
-//! Only plain HTTP/1.x uses this path. TLS connections and HTTP/2 (whose framing may copy
-//! small payloads) read the file into memory as before ([`super::body::file_body`]).
+//! Only plain HTTP/1.x uses this path (the server marks such requests with
+//! [`super::body::FileSender::Sendfile`]). TLS connections and HTTP/2, whose framing may
+//! copy small payloads, read the file into memory in chunks instead.
 
 use std::collections::VecDeque;
 use std::fs::File;
