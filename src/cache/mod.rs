@@ -7,9 +7,9 @@
 //!   A client waits at most `revalidate_wait` for that; past it, or if the upstream is
 //!   down, lying or rate-limiting, the last known answer is served (stale). Only an
 //!   upstream saying the tag is gone ends it. Recently confirmed tags are also kept in
-//!   memory ([`fresh`]), so a fresh tag costs no store lookup.
+//!   memory (`fresh`), so a fresh tag costs no store lookup.
 //! - Every upstream fetch is coalesced: one per tag, manifest or blob however many
-//!   clients ask at once. Blobs stream to every client as they arrive ([`flight`]).
+//!   clients ask at once. Blobs stream to every client as they arrive (`flight`).
 //! - A blob is served through repository R only if R's link to it exists or the
 //!   upstream confirms R has it; bytes on disk because of another repository are not
 //!   enough.
