@@ -157,17 +157,6 @@ async fn catalog(server: &Server, authorization: Option<&str>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn metrics(server: &Server) -> String {
-    client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body")
-}
-
 fn assert_no_secret(logs: &str, secrets: &[&str]) {
     for s in secrets {
         assert!(!logs.contains(s), "a password reached the logs: {s:?}");
@@ -314,7 +303,7 @@ async fn htpasswd_users_log_in_and_keep_pulling_offline_until_the_grace_ends() {
     let (ok, _) = inspect(&server, Some(("alice", ALICE_PW)), "team/app:v1");
     assert!(!ok, "skopeo still pulls past the grace");
 
-    let text = metrics(&server).await;
+    let text = metrics_text(&server).await;
     for label in [
         "central_online",
         "central_cached",

@@ -497,17 +497,6 @@ async fn skopeo_resolves_through_generated_registries_conf() {
 
 /// Sum of `outpost_cache_requests_total` for `upstream`.
 async fn cache_requests(server: &Server, upstream: &str) -> f64 {
-    let text = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
     let label = format!("upstream=\"{upstream}\"");
-    text.lines()
-        .filter(|l| l.starts_with("outpost_cache_requests_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric(server, "outpost_cache_requests_total{", &[&label]).await
 }

@@ -39,22 +39,6 @@ async fn get(server: &Server, path: &str) -> reqwest::Response {
         .expect("send")
 }
 
-/// Prometheus counter value for a metric line starting with `prefix`, summed.
-async fn metric(server: &Server, prefix: &str) -> f64 {
-    let text = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// skopeo pulls through Outpost from a token-auth upstream whose blobs come through a
 /// CDN redirect, by path prefix (with Docker Hub's `library/` rule) and by `?ns=`;
 /// content is byte-identical, the CDN never saw a credential, and the second pull costs
@@ -312,7 +296,7 @@ async fn concurrent_misses_share_one_streaming_download() {
         1,
         "one upstream GET for 32 misses"
     );
-    assert!(metric(&server, "outpost_cache_coalesced_requests_total").await >= 31.0);
+    assert!(metric(&server, "outpost_cache_coalesced_requests_total", &[]).await >= 31.0);
 }
 
 /// Concurrent cold requests for one tag cause one upstream manifest GET.
@@ -451,13 +435,14 @@ async fn offline_serves_last_known_answers() {
     assert!(
         metric(
             &server,
-            "outpost_cache_requests_total{upstream=\"docker.io\",kind=\"manifest\",result=\"stale\""
+            "outpost_cache_requests_total{upstream=\"docker.io\",kind=\"manifest\",result=\"stale\"",
+            &[]
         )
         .await
             >= 3.0
     );
     assert!(
-        metric(&server, "outpost_upstream_up{upstream=\"docker.io\"}").await < 1.0,
+        metric(&server, "outpost_upstream_up{upstream=\"docker.io\"}", &[]).await < 1.0,
         "breaker open"
     );
 
@@ -494,7 +479,8 @@ async fn rate_limit_is_honoured() {
     assert_eq!(
         metric(
             &server,
-            "outpost_upstream_ratelimit_remaining{upstream=\"docker.io\"}"
+            "outpost_upstream_ratelimit_remaining{upstream=\"docker.io\"}",
+            &[]
         )
         .await,
         97.0
@@ -631,7 +617,7 @@ async fn eviction_keeps_budget_and_pins_hosted_content() {
     let mut evicted = 0.0;
     for _ in 0..100 {
         total = dir_size(&blobs_dir);
-        evicted = metric(&server, "outpost_evicted_blobs_total").await;
+        evicted = metric(&server, "outpost_evicted_blobs_total", &[]).await;
         if total <= 1 << 20 && evicted >= 2.0 {
             break;
         }

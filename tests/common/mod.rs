@@ -420,6 +420,29 @@ pub async fn push_image(
     (Digest::sha256_of(&manifest), manifest, ld)
 }
 
+/// The daemon's `/metrics` page.
+pub async fn metrics_text(server: &Server) -> String {
+    client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// The sum of the values of the metric lines that start with `prefix` and contain every
+/// one of `labels` (e.g. `upstream="docker.io"`).
+pub async fn metric(server: &Server, prefix: &str, labels: &[&str]) -> f64 {
+    metrics_text(server)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(prefix) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The OCI error code of a JSON error body.
 pub async fn error_code(r: reqwest::Response) -> String {
     let v: serde_json::Value = r.json().await.expect("error body is JSON");
