@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::keyring;
+use crate::auth::keyring;
 use crate::storage::{KeyRecord, Store, now_secs};
 
 /// Largest request line accepted: room for the claims of the largest API key.

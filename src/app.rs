@@ -10,16 +10,15 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
+use crate::auth::central::{CentralAuth, CentralRules, DEFAULT_NEGATIVE_TTL};
 use crate::auth::{
     AuthSettings, Authenticator, DEFAULT_CAPACITY, FailureThrottle, RevocationSet,
     load_verifying_key,
 };
 use crate::cache::PullThrough;
-use crate::central::CentralAuth;
 use crate::config::Config;
 use crate::http::{self, Listeners, TlsSettings};
-use crate::keyring;
+use crate::auth::keyring;
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::systemd::Notifier;

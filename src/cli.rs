@@ -19,7 +19,7 @@ use crate::clientconfig::{
     self, CONTAINERD_DEFAULT_DIR, ContainerdOptions, GeneratedFile, KeyHeader, MirrorUrl,
 };
 use crate::config::{Config, DEFAULT_TOML, parse_duration};
-use crate::keyring::{self, inventory::Listing};
+use crate::auth::keyring::{self, inventory::Listing};
 use crate::storage::{StorageError, Store, now_secs};
 
 #[derive(Parser, Debug)]

@@ -4,10 +4,11 @@
 //! - [`oci`]: pure protocol vocabulary (digests, names, references, manifests, error codes).
 //! - [`config`]: the TOML file and its validation into an immutable `Config`.
 //! - [`storage`]: blob files, redb metadata, uploads, gc and fsck.
-//! - [`auth`]: principals, signed API keys, tokens, access policy, revocation.
-//! - [`central`]: cached central-registry logins: online checks, durable answers, grace.
-//! - [`keyring`]: the durable side of API keys: revocations from the CLI and the
-//!   revocation file (re-read when it changes), known keys and their last use, `key list`.
+//! - [`auth`]: every access decision behind one service: principals, signed API keys,
+//!   tokens, access policy, revocation; `auth::central` (cached central-registry logins:
+//!   online checks, durable answers, grace) and `auth::keyring` (the durable side of API
+//!   keys: revocations from the CLI and the revocation file, known keys and their last
+//!   use, `key list`).
 //! - [`upstream`]: clients for upstream registries (token flow, redirects, timeouts,
 //!   circuit breaker).
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
@@ -26,12 +27,10 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cache;
-pub mod central;
 pub mod cli;
 pub mod clientconfig;
 pub mod config;
 pub mod http;
-pub mod keyring;
 pub mod metrics;
 pub mod namespace;
 pub mod oci;

@@ -12,7 +12,7 @@
 //!
 //! A user name and password that is not an API key belongs to a central-registry user.
 //! Checking one needs the network or the database, so [`Authenticator::identify`] hands
-//! it back unchecked as [`Identified::CentralLogin`]; `crate::central` checks it and only
+//! it back unchecked as [`Identified::CentralLogin`]; `auth::central` checks it and only
 //! then makes a [`Principal::Central`]. Keys and tokens stay synchronous and fast.
 //!
 //! Invariant: `push` and `delete` are only ever granted by a signed API key's own scope,
@@ -20,6 +20,7 @@
 
 mod action;
 pub mod central;
+pub mod keyring;
 mod glob;
 mod keys;
 mod policy;
@@ -67,7 +68,7 @@ pub enum Principal {
     Anonymous,
     Key(Arc<KeyClaims>),
     Token(Arc<TokenClaims>),
-    /// A central-registry user whose password was checked by `crate::central`.
+    /// A central-registry user whose password was checked by `auth::central`.
     Central(Arc<CentralUser>),
 }
 
@@ -431,7 +432,7 @@ impl Authenticator {
     }
 
     /// A password that is not an API key belongs to a central-registry user (PRODUCT.md
-    /// §5, "Locally cached auth"); `crate::central` checks it.
+    /// §5, "Locally cached auth"); `auth::central` checks it.
     fn central_user(&self, user: &str, password: &str) -> Result<Identified, AuthError> {
         if !central::valid_user_name(user) || password.is_empty() {
             return Err(AuthError::InvalidCredentials);

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use super::route::RouteError;
 use crate::auth::AuthError;
 use crate::cache::CacheError;
-use crate::central::CentralError;
+use crate::auth::central::CentralError;
 use crate::oci::manifest::ManifestError;
 use crate::oci::{ErrorCode, NameError};
 use crate::storage::{PutManifestError, StorageError, UploadError};

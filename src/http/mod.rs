@@ -6,7 +6,7 @@
 //! adapts between them.
 //!
 //! Keys, tokens and the policy are checked synchronously. Only central-registry users
-//! (`crate::central`) take an async step: their login in `authenticate`, and the central
+//! (`auth::central`) take an async step: their login in `authenticate`, and the central
 //! registry's own say on pulls of its repositories in `authorize` (cached; online only
 //! when a decision is due).
 
@@ -33,7 +33,7 @@ use crate::auth::{
     Scope,
 };
 use crate::cache::{PullThrough, Target};
-use crate::central::{CentralAuth, CentralError, Puller};
+use crate::auth::central::{CentralAuth, CentralError, Puller};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::namespace::{self, Namespace, NamespaceError};

@@ -3,7 +3,7 @@
 //! last answer. The empty user name holds what the central registry serves anonymously.
 //!
 //! Plain reads and writes; the rules about what a record is worth live in
-//! `auth::central`, and the caching in front of these tables in `crate::central`.
+//! `auth::central::rules`, and the caching in front of these tables in `auth::central`.
 
 use redb::{ReadableDatabase, ReadableTable};
 

@@ -248,7 +248,7 @@ impl ReferrerRecord {
 }
 
 /// A central user's credential: `[v1][salt 16][hash 32][verified_at u64]`. The hash is an
-/// HMAC-SHA256 keyed by the salt (`auth::central::credential_hash`); never the password.
+/// HMAC-SHA256 keyed by the salt (`auth::central::rules::credential_hash`); never the password.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct CentralUserRecord {
     pub salt: [u8; 16],

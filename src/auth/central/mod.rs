@@ -22,11 +22,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
 use subtle::ConstantTimeEq;
 
-use crate::auth::central::{
-    CentralRules, Decision, LoginStep, Offline, RepoStep, cached_allows, credential_hash,
+mod rules;
+
+pub use rules::{CentralLogin, CentralRules, CentralUser, DEFAULT_NEGATIVE_TTL, valid_user_name};
+use rules::{
+    Decision, LoginStep, Offline, RepoStep, cached_allows, credential_hash,
     credential_key, credential_matches, judge_login, judge_repo, new_salt,
 };
-use crate::auth::{CentralLogin, CentralUser};
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
 use crate::storage::{CentralDecisionRecord, CentralUserRecord, StorageError, Store, now_secs};

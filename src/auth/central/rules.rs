@@ -1,10 +1,11 @@
-//! Locally cached central-registry logins, the pure part (PRODUCT.md §5, "Locally cached
-//! auth"): how a presented password is compared with the stored salted hash, and what a
-//! cached login or per-repository decision is worth at a given time.
+//! Locally cached central-registry logins, the pure part: how a presented password is
+//! compared with the stored salted hash, and what a cached login or per-repository
+//! decision is worth at a given time.
 //!
 //! Owns the rules, not the state: no I/O, no clock. Callers pass the stored confirmation
 //! times and `now` (Unix seconds), so every rule is tested with injected time. The
-//! coordinator that asks the central registry and keeps the records is `crate::central`.
+//! coordinator that asks the central registry and keeps the records is the parent
+//! module, `auth::central`.
 //!
 //! The rules, in one place:
 //! - A login or a positive decision confirmed less than `ttl` ago is used as is.
@@ -212,7 +213,7 @@ fn within_grace(confirmed_at: u64, now: u64, rules: &CentralRules) -> bool {
 #[derive(Clone)]
 pub struct CentralLogin {
     pub user: String,
-    pub password: super::Secret,
+    pub password: crate::auth::Secret,
 }
 
 impl fmt::Debug for CentralLogin {
@@ -230,7 +231,7 @@ impl fmt::Debug for CentralLogin {
 #[derive(Clone, Debug)]
 pub struct CentralUser {
     pub name: String,
-    pub password: super::Secret,
+    pub password: crate::auth::Secret,
 }
 
 /// Longest central user name accepted.
@@ -390,11 +391,11 @@ mod tests {
     fn debug_hides_the_password() {
         let login = CentralLogin {
             user: "alice".into(),
-            password: super::super::Secret::new("hunter2-secret"),
+            password: super::crate::auth::Secret::new("hunter2-secret"),
         };
         let user = CentralUser {
             name: "alice".into(),
-            password: super::super::Secret::new("hunter2-secret"),
+            password: super::crate::auth::Secret::new("hunter2-secret"),
         };
         let shown = format!("{login:?} {user:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
