@@ -17,8 +17,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::config::Config;
 use crate::auth::keyring;
+use crate::config::Config;
 use crate::storage::{KeyRecord, Store, now_secs};
 
 /// Largest request line accepted: room for the claims of the largest API key.

@@ -11,14 +11,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::central::{CentralAuth, CentralRules, DEFAULT_NEGATIVE_TTL};
+use crate::auth::keyring;
 use crate::auth::{
-    AuthSettings, Authenticator, DEFAULT_CAPACITY, FailureThrottle, RevocationSet,
-    load_verifying_key,
+    Access, AccessSettings, AuthSettings, Authenticator, DEFAULT_CAPACITY, FailureThrottle,
+    RevocationSet, load_verifying_key,
 };
 use crate::cache::PullThrough;
 use crate::config::Config;
 use crate::http::{self, Listeners, TlsSettings};
-use crate::auth::keyring;
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::systemd::Notifier;
@@ -204,11 +204,17 @@ impl Daemon {
                 }
             }
         });
+        let access = Access::new(AccessSettings {
+            authenticator: auth.clone(),
+            throttle,
+            central: central.clone(),
+            metrics: metrics.clone(),
+            config: config.clone(),
+        });
         let state = http::State::new(
             config.clone(),
             store.clone(),
-            auth.clone(),
-            throttle,
+            access,
             cache,
             metrics,
             central,

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use crate::admin::{self, AdminRequest};
+use crate::auth::keyring::{self, inventory::Listing};
 use crate::auth::{
     Actions, KeyClaims, KeyRequest, Secret, decode_unverified, issue_key, load_signing_key,
     write_issuer_pair,
@@ -19,7 +20,6 @@ use crate::clientconfig::{
     self, CONTAINERD_DEFAULT_DIR, ContainerdOptions, GeneratedFile, KeyHeader, MirrorUrl,
 };
 use crate::config::{Config, DEFAULT_TOML, parse_duration};
-use crate::auth::keyring::{self, inventory::Listing};
 use crate::storage::{StorageError, Store, now_secs};
 
 #[derive(Parser, Debug)]

@@ -18,10 +18,11 @@
 //! Invariant: `push` and `delete` are only ever granted by a signed API key's own scope,
 //! directly or through a token obtained with it; the policy refuses to grant them.
 
+mod access;
 mod action;
 pub mod central;
-pub mod keyring;
 mod glob;
+pub mod keyring;
 mod keys;
 mod policy;
 mod revocation;
@@ -38,6 +39,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT;
 use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
 
+pub use access::{Access, AccessError, AccessSettings, Challenge};
 pub use action::{Action, Actions, UnknownAction};
 pub use central::{CentralLogin, CentralUser};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};

@@ -7,9 +7,8 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 use super::route::RouteError;
-use crate::auth::AuthError;
+use crate::auth::AccessError;
 use crate::cache::CacheError;
-use crate::auth::central::CentralError;
 use crate::oci::manifest::ManifestError;
 use crate::oci::{ErrorCode, NameError};
 use crate::storage::{PutManifestError, StorageError, UploadError};
@@ -108,16 +107,27 @@ impl ApiError {
     }
 }
 
-impl From<CentralError> for ApiError {
-    fn from(e: CentralError) -> ApiError {
+impl From<AccessError> for ApiError {
+    fn from(e: AccessError) -> ApiError {
         match e {
-            CentralError::Storage(_) => ApiError::internal(e.to_string()),
-            e if e.is_login() => ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
+            AccessError::Unauthenticated { message, challenge } => {
+                let err = ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message);
+                match challenge.and_then(|c| HeaderValue::from_str(&c.header_value()).ok()) {
+                    Some(v) => err.with_header(http::header::WWW_AUTHENTICATE, v),
+                    None => err,
+                }
+            }
+            AccessError::Denied(message) => ApiError::denied(message),
+            AccessError::Throttled { retry_after } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyRequests,
                 e.to_string(),
+            )
+            .with_header(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
             ),
-            e => ApiError::denied(e.to_string()),
+            AccessError::Internal(_) => ApiError::internal(e.to_string()),
         }
     }
 }
@@ -278,16 +288,6 @@ impl From<ManifestError> for ApiError {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::ManifestInvalid,
-            e.to_string(),
-        )
-    }
-}
-
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> ApiError {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
             e.to_string(),
         )
     }

@@ -5,10 +5,9 @@
 //! authorize → serve → respond → log. Domain modules never see hyper types; this module
 //! adapts between them.
 //!
-//! Keys, tokens and the policy are checked synchronously. Only central-registry users
-//! (`auth::central`) take an async step: their login in `authenticate`, and the central
-//! registry's own say on pulls of its repositories in `authorize` (cached; online only
-//! when a decision is due).
+//! Every access decision (who is calling, may they, which token, what is listed) is made
+//! by the `auth::Access` service; this module hands it header bytes and the route's scope
+//! and maps its `AccessError` to a response.
 
 mod body;
 mod error;
@@ -22,22 +21,19 @@ mod zerocopy;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::auth::{
-    Action, AuthError, Authenticator, FailureThrottle, Identified, MAX_TOKEN_SCOPES, Principal,
-    Scope,
-};
+use crate::auth::central::CentralAuth;
+use crate::auth::{Access, Principal};
 use crate::cache::{PullThrough, Target};
-use crate::auth::central::{CentralAuth, CentralError, Puller};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::namespace::{self, Namespace, NamespaceError};
-use crate::oci::{ErrorCode, RepoName};
+use crate::oci::ErrorCode;
 use crate::storage::Store;
 pub use body::Body;
 use body::FileSender;
@@ -55,11 +51,11 @@ pub struct State {
 pub struct StateInner {
     config: Arc<Config>,
     store: Store,
-    auth: Authenticator,
-    throttle: FailureThrottle,
+    access: Access,
     cache: Arc<PullThrough>,
     metrics: Arc<Metrics>,
-    /// Cached central-registry logins, when `auth.central` names an upstream.
+    /// Cached central-registry logins, when `auth.central` names an upstream (for the
+    /// anonymous learning of pull-through).
     central: Option<Arc<CentralAuth>>,
     next_id: AtomicU64,
 }
@@ -75,8 +71,7 @@ impl State {
     pub fn new(
         config: Arc<Config>,
         store: Store,
-        auth: Authenticator,
-        throttle: FailureThrottle,
+        access: Access,
         cache: Arc<PullThrough>,
         metrics: Arc<Metrics>,
         central: Option<Arc<CentralAuth>>,
@@ -85,8 +80,7 @@ impl State {
             inner: Arc::new(StateInner {
                 config,
                 store,
-                auth,
-                throttle,
+                access,
                 cache,
                 metrics,
                 central,
@@ -205,73 +199,14 @@ async fn authenticate(
     peer: SocketAddr,
 ) -> Result<Principal, ApiError> {
     let header = req.headers().get(header::AUTHORIZATION);
-    let Some(value) = header else {
-        return Ok(Principal::Anonymous);
-    };
-    let now = Instant::now();
-    if let Err(retry) = state.throttle.check(peer.ip(), now) {
-        state.metrics.auth_result("throttled");
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::TooManyRequests,
-            "too many failed authentication attempts",
-        )
-        .with_header(
-            header::RETRY_AFTER,
-            HeaderValue::from(retry.as_secs().max(1)),
-        ));
-    }
-    let value = value
-        .to_str()
-        .map_err(|_| ApiError::from(AuthError::Malformed("authorization header is not ASCII")))?;
-    let identified = state
-        .auth
-        .identify(Some(value), SystemTime::now())
-        .map_err(ApiError::from);
-    let result = match identified {
-        Ok(Identified::Principal(p)) => Ok(p),
-        Ok(Identified::CentralLogin(login)) => match &state.central {
-            Some(central) => central
-                .login(&login)
-                .await
-                .map(|user| Principal::Central(Arc::new(user)))
-                .map_err(ApiError::from),
-            None => Err(ApiError::from(AuthError::InvalidCredentials)),
-        },
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(p) => {
-            state.throttle.record_success(peer.ip());
-            state.metrics.auth_result("accepted");
-            Ok(p)
-        }
-        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
-            state.throttle.record_failure(peer.ip(), Instant::now());
-            state.metrics.auth_result("rejected");
-            Err(challenge(state, e, None))
-        }
-        // Our own failure (the login records), not the caller's.
-        Err(e) => Err(e),
-    }
+    Ok(state
+        .access
+        .authenticate(header.map(HeaderValue::as_bytes), peer.ip())
+        .await?)
 }
 
-/// Adds the token-flow challenge to a 401.
-fn challenge(state: &State, e: ApiError, scope: Option<String>) -> ApiError {
-    let mut value = format!(
-        "Bearer realm=\"{}/token\",service=\"{}\"",
-        state.config.server.public_url,
-        state.auth.service()
-    );
-    if let Some(scope) = scope {
-        value.push_str(&format!(",scope=\"{scope}\""));
-    }
-    match HeaderValue::from_str(&value) {
-        Ok(v) => e.with_header(header::WWW_AUTHENTICATE, v),
-        Err(_) => e,
-    }
-}
-
+/// The authorize phase: the scope comes from the route; repositories of the central
+/// registry carry their name there, for its say on pulls.
 async fn authorize(
     state: &State,
     route: &Route,
@@ -279,114 +214,19 @@ async fn authorize(
     principal: &Principal,
 ) -> Result<(), ApiError> {
     let Some((repo, action)) = route.scope() else {
-        // `/v2/` answers 401 to anonymous callers when credentials are possible, so that
-        // clients run the token flow (docker, podman, skopeo all expect it).
-        if matches!(route, Route::Base)
-            && matches!(principal, Principal::Anonymous)
-            && (state.auth.issuer_count() > 0 || state.central.is_some())
-        {
-            return Err(challenge(
-                state,
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    "authentication required",
-                ),
-                None,
-            ));
+        if matches!(route, Route::Base) {
+            state.access.authorize_base(principal)?;
         }
         return Ok(());
     };
-    // A push also needs pull (clients check blobs first); ask for both in the challenge.
-    let wanted = match action {
-        Action::Pull => "pull",
-        Action::Push => "pull,push",
-        Action::Delete => "delete",
+    let central = match namespace {
+        Namespace::Upstream { index, remote } if state.access.is_central(*index) => Some(remote),
+        _ => None,
     };
-    let needs_credentials = || {
-        challenge(
-            state,
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
-                "authentication required",
-            ),
-            Some(format!("repository:{repo}:{wanted}")),
-        )
-    };
-    if state.auth.allowed(principal, repo).contains(action) {
-        return match central_gate(state, namespace, principal, action).await {
-            Ok(()) => Ok(()),
-            Err(_) if matches!(principal, Principal::Anonymous) => Err(needs_credentials()),
-            Err(e) if e.status == StatusCode::UNAUTHORIZED => Err(challenge(state, e, None)),
-            Err(e) => Err(e),
-        };
-    }
-    state.metrics.auth_result("denied");
-    match principal {
-        Principal::Anonymous => Err(needs_credentials()),
-        _ => Err(ApiError::denied(format!(
-            "{} may not {} {repo}",
-            principal.subject(),
-            action.as_str()
-        ))),
-    }
-}
-
-/// The central registry's own say on a pull of one of its repositories (PRODUCT.md §5):
-/// the policy allowing a pull is not enough for central users, anonymous callers and
-/// their tokens; the central registry (or its cached answer) must agree. API keys, and
-/// tokens obtained with them, carry their issuer's grant and need no such check.
-async fn central_gate(
-    state: &State,
-    namespace: &Namespace,
-    principal: &Principal,
-    action: Action,
-) -> Result<(), ApiError> {
-    let (Some(central), Namespace::Upstream { index, remote }) = (&state.central, namespace) else {
-        return Ok(());
-    };
-    if !central.is_central(*index) || action != Action::Pull {
-        return Ok(());
-    }
-    let Some(who) = puller(principal) else {
-        return Ok(());
-    };
-    central.may_pull(who, remote).await.map_err(ApiError::from)
-}
-
-/// Who `principal` is to the central registry; `None` for API keys (and tokens obtained
-/// with one), which carry their issuer's grant and need no central check.
-fn puller(principal: &Principal) -> Option<Puller<'_>> {
-    match principal {
-        Principal::Key(_) => None,
-        Principal::Token(claims) if claims.key_id.is_some() => None,
-        Principal::Token(claims) if claims.central => Some(Puller::TokenOf(&claims.subject)),
-        Principal::Token(_) | Principal::Anonymous => Some(Puller::Anonymous),
-        Principal::Central(user) => Some(Puller::User(user)),
-    }
-}
-
-/// Whether `repo` (a canonical name the policy already lets `principal` pull) may be
-/// listed to it: repositories of the central registry also need a remembered positive
-/// answer of the central registry (see [`central_gate`]).
-pub(crate) async fn central_lists(state: &State, principal: &Principal, repo: &RepoName) -> bool {
-    let Some(central) = &state.central else {
-        return true;
-    };
-    let Ok(resolved) = namespace::resolve(&state.config, repo, None) else {
-        return false;
-    };
-    let Namespace::Upstream { index, remote } = resolved.namespace else {
-        return true;
-    };
-    if !central.is_central(index) {
-        return true;
-    }
-    match puller(principal) {
-        None => true,
-        Some(who) => central.may_list(who, &remote).await,
-    }
+    Ok(state
+        .access
+        .authorize(principal, repo, action, central)
+        .await?)
 }
 
 /// Resolves the route's repository to its namespace, rewriting it to the canonical
@@ -533,55 +373,12 @@ fn ok_json(body: &'static str) -> Result<Response<Body>, ApiError> {
 }
 
 /// `GET /token`: exchanges the presented credentials (or none) for a short-lived token
-/// limited to the requested scopes that the caller is allowed. For a central user, pulls
-/// of central repositories are granted only where the central registry agrees (asked now
-/// if its answer is due); the token then names the user as its subject.
+/// limited to the requested scopes that the caller is allowed.
 async fn token(state: &State, ctx: &Ctx, scopes: &[String]) -> Result<Response<Body>, ApiError> {
-    let mut scopes: Vec<Scope> = scopes
-        .iter()
-        .filter_map(|s| Scope::parse(s))
-        .take(MAX_TOKEN_SCOPES)
-        .collect();
-    if let (Some(central), Principal::Central(user)) = (&state.central, &ctx.principal) {
-        let mut kept = Vec::with_capacity(scopes.len());
-        for scope in scopes {
-            let remote = match namespace::resolve(&state.config, &scope.repo, None) {
-                Ok(r) => match r.namespace {
-                    Namespace::Upstream { index, remote } if central.is_central(index) => {
-                        Some(remote)
-                    }
-                    _ => None,
-                },
-                Err(_) => None,
-            };
-            let asks_pull = scope.actions.contains(Action::Pull)
-                && state
-                    .auth
-                    .allowed(&ctx.principal, &scope.repo)
-                    .contains(Action::Pull);
-            let Some(remote) = remote.filter(|_| asks_pull) else {
-                kept.push(scope);
-                continue;
-            };
-            match central.may_pull(Puller::User(user), &remote).await {
-                Ok(()) => kept.push(scope),
-                Err(e @ CentralError::BadCredentials) => {
-                    // The password changed centrally: a failed login like any other.
-                    state.throttle.record_failure(ctx.peer.ip(), Instant::now());
-                    return Err(challenge(state, ApiError::from(e), None));
-                }
-                Err(e @ CentralError::Storage(_)) => {
-                    return Err(challenge(state, ApiError::from(e), None));
-                }
-                // Refused there: the token grants nothing on this repository.
-                Err(_) => {}
-            }
-        }
-        scopes = kept;
-    }
     let issued = state
-        .auth
-        .issue_token(&ctx.principal, &scopes, SystemTime::now());
+        .access
+        .issue_token(&ctx.principal, scopes, ctx.peer.ip())
+        .await?;
     let issued_at = humantime::format_rfc3339_seconds(issued.issued_at).to_string();
     let json = serde_json::json!({
         "token": issued.token.expose(),

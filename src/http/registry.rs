@@ -145,7 +145,7 @@ pub async fn put_manifest(
     let manifest = Manifest::parse(&bytes, content_type.as_deref())?;
     let immutable_rule = tag
         .as_ref()
-        .and_then(|t| state.auth.immutable_rule(repo, t));
+        .and_then(|t| state.access.immutable_rule(repo, t));
     let subject = manifest.subject.as_ref().map(|s| s.digest.clone());
     state
         .store
@@ -180,10 +180,10 @@ pub async fn delete_manifest(
     let deleted = match reference {
         Reference::Digest(d) => {
             // Deleting a manifest removes its tags, so it must not remove an immutable one.
-            let (auth, r) = (state.auth.clone(), repo.clone());
+            let (access, r) = (state.access.clone(), repo.clone());
             let protected = move |tag: &str| {
                 let tag = tag.parse().ok()?;
-                auth.immutable_rule(&r, &tag)
+                access.immutable_rule(&r, &tag)
             };
             match state.store.delete_manifest(repo, d, protected).await? {
                 ManifestDeletion::Deleted => true,
@@ -199,7 +199,7 @@ pub async fn delete_manifest(
         Reference::Tag(t) => {
             // Refused whether or not the tag exists yet: checking existence first would
             // let a push of the tag slip in between the check and the delete.
-            if let Some(rule) = state.auth.immutable_rule(repo, t) {
+            if let Some(rule) = state.access.immutable_rule(repo, t) {
                 return Err(ApiError::denied(format!(
                     "tag is immutable under {rule} and cannot be deleted"
                 )));
@@ -396,10 +396,7 @@ pub async fn start_upload(
 ) -> Result<Response<Body>> {
     if let Some((d, Some(from))) = mount {
         // Mount only with read access to the source; otherwise fall back to an upload.
-        if state
-            .auth
-            .allowed(&ctx.principal, from)
-            .contains(Action::Pull)
+        if state.access.permits(&ctx.principal, from, Action::Pull)
             && state.store.mount_blob(from, repo, d).await?
         {
             return blob_created(repo, d);
@@ -517,12 +514,7 @@ pub async fn catalog(state: &State, ctx: &Ctx, page: &Page) -> Result<Response<B
         let Ok(repo) = name.parse::<RepoName>() else {
             continue;
         };
-        if state
-            .auth
-            .allowed(&ctx.principal, &repo)
-            .contains(Action::Pull)
-            && super::central_lists(state, &ctx.principal, &repo).await
-        {
+        if state.access.visible(&ctx.principal, &repo).await {
             visible.push(name);
         }
     }

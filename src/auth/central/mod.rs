@@ -24,15 +24,15 @@ use subtle::ConstantTimeEq;
 
 mod rules;
 
-pub use rules::{CentralLogin, CentralRules, CentralUser, DEFAULT_NEGATIVE_TTL, valid_user_name};
-use rules::{
-    Decision, LoginStep, Offline, RepoStep, cached_allows, credential_hash,
-    credential_key, credential_matches, judge_login, judge_repo, new_salt,
-};
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
 use crate::storage::{CentralDecisionRecord, CentralUserRecord, StorageError, Store, now_secs};
 use crate::upstream::{LoginCheck, PullCheck, Upstream, UserCredentials};
+pub use rules::{CentralLogin, CentralRules, CentralUser, DEFAULT_NEGATIVE_TTL, valid_user_name};
+use rules::{
+    Decision, LoginStep, Offline, RepoStep, cached_allows, credential_hash, credential_key,
+    credential_matches, judge_login, judge_repo, new_salt,
+};
 
 /// The user-name key of anonymous decisions (no central user has an empty name).
 const ANONYMOUS: &str = "";

@@ -391,11 +391,11 @@ mod tests {
     fn debug_hides_the_password() {
         let login = CentralLogin {
             user: "alice".into(),
-            password: super::crate::auth::Secret::new("hunter2-secret"),
+            password: crate::auth::Secret::new("hunter2-secret"),
         };
         let user = CentralUser {
             name: "alice".into(),
-            password: super::crate::auth::Secret::new("hunter2-secret"),
+            password: crate::auth::Secret::new("hunter2-secret"),
         };
         let shown = format!("{login:?} {user:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
