@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, run_with_timeout};
+use common::process::run_with_timeout;
 use common::*;
 use outpost::oci::Digest;
 
@@ -50,8 +50,7 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// A config like the harness writes, but trusting every issuer in `issuers`.
-fn write_config(dir: &Path, issuers: &[PathBuf], extra: &str) -> PathBuf {
-    let port = free_port();
+fn write_config(dir: &Path, issuers: &[PathBuf], extra: &str, port: u16) -> PathBuf {
     let keys: Vec<String> = issuers.iter().map(|p| format!("{p:?}")).collect();
     let text = format!(
         "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\n\
@@ -302,7 +301,8 @@ async fn key_list_shows_known_and_revoked_keys_with_the_daemon_running_or_stoppe
     // A store that cannot be used never stops a key from being issued.
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).expect("mkdir");
-    let other_config = write_config(&elsewhere, &[issuer.public()], "");
+    // Never served: any port will do.
+    let other_config = write_config(&elsewhere, &[issuer.public()], "", 5000);
     let (ok, out, err) = cli(&[
         "key",
         "issue",
@@ -398,8 +398,8 @@ async fn two_processes_accept_and_refuse_the_same_keys() {
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&a_dir).expect("mkdir");
     std::fs::create_dir_all(&b_dir).expect("mkdir");
-    let mut a = Server::start(&a_dir, &issuer, &extra);
-    let mut b = Server::start(&b_dir, &issuer, &extra);
+    let mut a = Server::start_process(&a_dir, &issuer, &extra);
+    let mut b = Server::start_process(&b_dir, &issuer, &extra);
 
     let doomed = issuer.issue("doomed", &["team/**"], "pull", "1h");
     let kept = issuer.issue("kept", &["team/**"], "pull", "1h");
@@ -433,8 +433,9 @@ async fn expired_keys_and_keys_of_a_removed_issuer_are_refused() {
     let dir = tmp();
     let kept = Issuer::new(&dir.path().join("kept"));
     let retired = Issuer::new(&dir.path().join("retired"));
-    let config = write_config(dir.path(), &[kept.public(), retired.public()], "");
-    let mut server = Server::start_with_config(&config);
+    let issuers = [kept.public(), retired.public()];
+    let mut server =
+        Server::start_written(|port| write_config(dir.path(), &issuers, "", port), "info");
 
     let pusher = kept.issue("pusher", &["team/**"], "pull,push", "1h");
     push_image(&server, &pusher, "team/app", "v1", 3).await;
@@ -455,8 +456,10 @@ async fn expired_keys_and_keys_of_a_removed_issuer_are_refused() {
     assert_no_secrets(&server, &[&pusher, &old, &brief, &brief_token]);
 
     server.stop();
-    write_config(dir.path(), &[kept.public()], "");
-    let mut server = Server::start_with_config(&config);
+    let mut server = Server::start_written(
+        |port| write_config(dir.path(), &[kept.public()], "", port),
+        "info",
+    );
     let r = get(&server, path, Some(&old)).await;
     assert_eq!(r.status(), 401, "the retired issuer's key");
     assert_eq!(error_code(r).await, "UNAUTHORIZED");
@@ -715,13 +718,12 @@ async fn failed_logins_are_throttled_per_address() {
     const LIMIT: usize = 3;
     let dir = tmp();
     let issuer = Issuer::new(&dir.path().join("keys"));
-    let config = write_config(
-        dir.path(),
-        &[issuer.public()],
-        &format!("failure_limit = {LIMIT}\nfailure_window = \"1m\"\n"),
-    );
+    let extra = format!("failure_limit = {LIMIT}\nfailure_window = \"1m\"\n");
     // At debug level: the strictest test of what reaches the logs.
-    let mut server = Server::start_with_log(&config, "debug");
+    let mut server = Server::start_written(
+        |port| write_config(dir.path(), &[issuer.public()], &extra, port),
+        "debug",
+    );
     let good = issuer.issue("ci", &["team/**"], "pull", "1h");
     let passwords: Vec<String> = (0..LIMIT + 1)
         .map(|i| format!("hunter{i}-correct-horse-battery"))

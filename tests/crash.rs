@@ -12,7 +12,7 @@ async fn kill9_during_pushes_loses_nothing_acknowledged() {
     let issuer = Issuer::new(&dir.path().join("keys"));
     let key = issuer.issue("ci", &["team/**"], "pull,push", "1h");
     let mut acknowledged = Vec::new();
-    let mut server = Server::start(dir.path(), &issuer, "");
+    let mut server = Server::start_process(dir.path(), &issuer, "");
     // Several rounds: each kills the daemon after a different amount of concurrent work.
     for round in 0..4u64 {
         let addr = server.addr.clone();
@@ -46,7 +46,7 @@ async fn kill9_during_pushes_loses_nothing_acknowledged() {
             }
         }
         // Restart on the same data; start-up sweeps temp files.
-        server = Server::start_with_config(&server.config);
+        server = Server::start_process_with_config(&server.config);
         let c = client();
         for (repo, content) in &acknowledged {
             let d = outpost::oci::Digest::sha256_of(content);

@@ -17,16 +17,20 @@ fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
-/// An Outpost whose `docker.io` upstream is `url`, anonymous pull on it.
+/// An Outpost (in this process) whose `docker.io` upstream is `url`, anonymous pull on it.
 fn outpost_for(dir: &std::path::Path, url: &str, upstream_extra: &str, extra: &str) -> Server {
     let issuer = Issuer::new(&dir.join("keys"));
     Server::start(
         dir,
         &issuer,
-        &format!(
-            "[[upstream]]\nname = \"docker.io\"\nurl = \"{url}\"\n{upstream_extra}\n\
-             [[access]]\nrepositories = [\"docker.io/**\"]\nanonymous = [\"pull\"]\n{extra}"
-        ),
+        &pull_through_config(url, upstream_extra, extra),
+    )
+}
+
+fn pull_through_config(url: &str, upstream_extra: &str, extra: &str) -> String {
+    format!(
+        "[[upstream]]\nname = \"docker.io\"\nurl = \"{url}\"\n{upstream_extra}\n\
+         [[access]]\nrepositories = [\"docker.io/**\"]\nanonymous = [\"pull\"]\n{extra}"
     )
 }
 
@@ -121,7 +125,8 @@ fn skopeo_pulls_through_token_auth_upstream_with_redirect() {
 
 /// containerd pulls through Outpost using the hosts.toml that `outpost client-config
 /// containerd` generated from Outpost's own config: it sends `?ns=docker.io`, which routes
-/// to the configured docker.io upstream (a local registry here).
+/// to the configured docker.io upstream (a local registry here). End to end: the real
+/// binary, as a child process.
 #[test]
 fn containerd_pulls_through_hosts_toml() {
     let dir = tmp();
@@ -136,7 +141,9 @@ fn containerd_pulls_through_hosts_toml() {
     let (md, ms, _) = layout.image(5, &[200_000], "amd64");
     layout.tag(OCI_MANIFEST, &md, ms, "latest");
     up.push_layout(&layout.dir, "library/busybox:latest");
-    let server = outpost_for(dir.path(), &up.url(), "", "");
+    let issuer = Issuer::new(&dir.path().join("keys"));
+    let server =
+        Server::start_process(dir.path(), &issuer, &pull_through_config(&up.url(), "", ""));
     let ctrd = Containerd::start(&dir.path().join("containerd"));
     let hosts = dir.path().join("hosts");
     let report = generate_hosts_toml(&server.config, &hosts, &[]);

@@ -12,11 +12,12 @@ fn tmp() -> tempfile::TempDir {
 
 /// skopeo pushes a single-arch image and a multi-arch index with an API key and pulls
 /// them back byte-identical (through the /token flow: skopeo passes the key as Basic).
+/// End to end: the real binary, as a child process.
 #[test]
 fn skopeo_round_trip_is_byte_identical() {
     let dir = tmp();
     let issuer = Issuer::new(&dir.path().join("keys"));
-    let server = Server::start(dir.path(), &issuer, "");
+    let server = Server::start_process(dir.path(), &issuer, "");
     let key = issuer.issue("ci", &["team/**"], "pull,push", "1h");
     let creds = format!("ci:{key}");
 
@@ -707,7 +708,7 @@ async fn keys_are_refused_when_they_should_be() {
     tampered[10] = if tampered[10] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).expect("ascii");
     let short = issuer.issue("ci", &["team/**"], "pull,push", "1s");
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     for (what, key) in [
         ("foreign issuer", &foreign),
         ("tampered", &tampered),

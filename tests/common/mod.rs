@@ -1,5 +1,7 @@
-//! Test harness: runs the real `outpost` binary on 127.0.0.1:0 with a temp data dir,
-//! issues keys with the real CLI, builds OCI image layouts on disk, and drives skopeo.
+//! Test harness: runs the daemon on 127.0.0.1 with a temp data dir — in this process
+//! through the library by default ([`inproc`]), or the real `outpost` binary as a child
+//! process where a process is the point ([`Server::start_process`]) — issues keys with the
+//! real CLI, builds OCI image layouts on disk, and drives skopeo.
 //!
 //! For pull-through tests: [`upstream`] runs a real docker-registry (optionally with Docker
 //! Hub-style token auth and a CDN redirect), [`fake`] an in-process upstream that misbehaves
@@ -8,6 +10,7 @@
 
 pub mod containerd;
 pub mod fake;
+mod inproc;
 pub mod process;
 mod serve;
 pub mod upstream;
@@ -86,42 +89,90 @@ impl Issuer {
     }
 }
 
-/// A running daemon; killed on drop.
+/// How a [`Server`] runs.
+enum Runner {
+    /// Through the library, in this process (the default).
+    InProcess(inproc::InProcess),
+    /// The real binary, as a child process: for what only a process shows (kill -9,
+    /// signals, two processes on one store, the binary's own logging).
+    Process(Child),
+    Stopped,
+}
+
+/// A running daemon; stopped (in process) or killed (child process) on drop.
 pub struct Server {
-    child: Option<Child>,
+    runner: Runner,
     pub addr: String,
     pub config: PathBuf,
     log: Arc<Mutex<String>>,
 }
 
 impl Server {
-    /// Writes `dir/outpost.toml` (listen on port 0, data in `dir/data`, trusting `issuer`)
-    /// plus `extra` TOML, and starts the daemon.
+    /// Writes `dir/outpost.toml` (listening on a port bound here, data in `dir/data`,
+    /// trusting `issuer`) plus `extra` TOML, and starts the daemon in this process on
+    /// that very listener: no port race.
     pub fn start(dir: &Path, issuer: &Issuer, extra: &str) -> Server {
-        let config = dir.join("outpost.toml");
-        // The token realm must name the real address, so pick a free port up front (the
-        // short race with other processes is acceptable in tests).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("bound address").port();
+        let config = write_config(dir, issuer, extra, port);
+        Server::in_process(&config, Some(listener), "info")
+    }
+
+    /// Like [`Server::start`], but runs the real binary as a child process. The port is
+    /// picked free up front and bound again by the child (a short race other processes
+    /// could win, acceptable where a process is the point).
+    pub fn start_process(dir: &Path, issuer: &Issuer, extra: &str) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let text = format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\nbody_idle_timeout = \"5s\"\n\
-             [storage]\npath = {:?}\ngc_grace = \"0s\"\n[auth]\nissuer_keys = [{:?}]\n{extra}",
-            dir.join("data"),
-            issuer.public()
-        );
-        std::fs::write(&config, text).expect("write config");
-        Server::start_with_config(&config)
+        let config = write_config(dir, issuer, extra, port);
+        Server::process_with_log(&config, "info")
     }
 
+    /// Binds `127.0.0.1:0` and starts in this process on that listener, with the config
+    /// file `write(port)` writes (it returns the file's path); logs captured at `filter`.
+    pub fn start_written(write: impl FnOnce(u16) -> PathBuf, filter: &str) -> Server {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("bound address").port();
+        let config = write(port);
+        Server::in_process(&config, Some(listener), filter)
+    }
+
+    /// Runs the real binary on `config` (a restart of a [`Server::start_process`] one).
+    pub fn start_process_with_config(config: &Path) -> Server {
+        Server::process_with_log(config, "info")
+    }
+
+    /// Starts the daemon in this process on the addresses `config` names (a restart).
     pub fn start_with_config(config: &Path) -> Server {
-        Server::start_with_log(config, "info")
+        Server::in_process(config, None, "info")
     }
 
-    /// Like [`Server::start_with_config`], with `OUTPOST_LOG` set to `filter` (for
-    /// example `debug`, to check what the most verbose logs say).
+    /// Like [`Server::start_with_config`], capturing logs at `filter` (for example
+    /// `debug`, to check what the most verbose logs say).
     pub fn start_with_log(config: &Path, filter: &str) -> Server {
+        Server::in_process(config, None, filter)
+    }
+
+    fn in_process(config: &Path, listener: Option<std::net::TcpListener>, filter: &str) -> Server {
+        let log = Arc::new(Mutex::new(String::new()));
+        match inproc::InProcess::start(config, listener, filter, log.clone()) {
+            Ok((daemon, addr)) => Server {
+                runner: Runner::InProcess(daemon),
+                addr,
+                config: config.to_owned(),
+                log,
+            },
+            Err(e) => panic!(
+                "server did not start: {e}\n{}",
+                log.lock().map(|l| l.clone()).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Runs the real binary on `config` with `OUTPOST_LOG` set to `filter`.
+    pub fn process_with_log(config: &Path, filter: &str) -> Server {
         let mut child = Command::new(outpost_bin())
             .args(["serve", "--config", config.to_str().expect("utf8")])
             .env("OUTPOST_LOG", filter)
@@ -156,7 +207,7 @@ impl Server {
             }
         };
         Server {
-            child: Some(child),
+            runner: Runner::Process(child),
             addr,
             config: config.to_owned(),
             log,
@@ -171,17 +222,27 @@ impl Server {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    /// SIGKILL: no chance to clean up, like a power cut for the process.
+    /// SIGKILL: no chance to clean up, like a power cut for the process. Only a child
+    /// process can be killed so ([`Server::start_process`]).
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        match std::mem::replace(&mut self.runner, Runner::Stopped) {
+            Runner::Process(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Runner::InProcess(_) => panic!("kill -9 needs a child process: use start_process"),
+            Runner::Stopped => {}
         }
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// A clean stop: SIGTERM for a child process, the same drain in process.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        let runner = std::mem::replace(&mut self.runner, Runner::Stopped);
+        if let Runner::InProcess(mut daemon) = runner {
+            daemon.stop();
+            return;
+        }
+        if let Runner::Process(mut c) = runner {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
                 .status();
@@ -200,8 +261,28 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.kill9();
+        match std::mem::replace(&mut self.runner, Runner::Stopped) {
+            Runner::Process(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Runner::InProcess(mut daemon) => daemon.stop(),
+            Runner::Stopped => {}
+        }
     }
+}
+
+/// Writes `dir/outpost.toml` for a daemon on `127.0.0.1:<port>`.
+fn write_config(dir: &Path, issuer: &Issuer, extra: &str, port: u16) -> PathBuf {
+    let config = dir.join("outpost.toml");
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\nbody_idle_timeout = \"5s\"\n\
+         [storage]\npath = {:?}\ngc_grace = \"0s\"\n[auth]\nissuer_keys = [{:?}]\n{extra}",
+        dir.join("data"),
+        issuer.public()
+    );
+    std::fs::write(&config, text).expect("write config");
+    config
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so content differs per seed.
