@@ -124,6 +124,13 @@ impl Daemon {
 
     /// Starts serving on listeners the caller bound.
     pub async fn start_with(config: Config, listeners: Listeners) -> anyhow::Result<Daemon> {
+        let unbuilt = config.unbuilt();
+        if !unbuilt.is_empty() {
+            anyhow::bail!(
+                "refusing settings that would do nothing:\n{}",
+                unbuilt.join("\n")
+            );
+        }
         let config = Arc::new(config);
         let root = config.storage.path.clone();
         let cache = config.storage.db_cache;

@@ -308,6 +308,13 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Config(ConfigCommand::Default) => Ok(Outcome::ok(DEFAULT_TOML.to_owned())),
         Command::Config(ConfigCommand::Check { config }) => {
             let c = load_config(config.as_deref())?;
+            let unbuilt = c.unbuilt();
+            if !unbuilt.is_empty() {
+                bail!(
+                    "the configuration is valid, but uses settings that would do nothing:\n{}",
+                    unbuilt.join("\n")
+                );
+            }
             for p in &c.auth.issuer_keys {
                 crate::auth::load_verifying_key(p)
                     .with_context(|| format!("issuer key {}", p.display()))?;

@@ -9,6 +9,8 @@
 //!   online checks, durable answers, grace) and `auth::keyring` (the durable side of API
 //!   keys: revocations from the CLI and the revocation file, known keys and their last
 //!   use, `key list`).
+//! - [`mirror`]: scheduled mirroring: jobs, tag selection, platforms and schedules (the
+//!   engine that runs them is not built yet).
 //! - [`upstream`]: clients for upstream registries (token flow, redirects, timeouts,
 //!   circuit breaker).
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
@@ -32,6 +34,7 @@ pub mod clientconfig;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod mirror;
 pub mod namespace;
 pub mod oci;
 pub mod storage;

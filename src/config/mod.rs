@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::auth::{AccessRule, Actions, Policy};
+use crate::mirror::select::FilterSpec;
+use crate::mirror::{MirrorJob, RepoSelector, TagFilter, valid_job_name};
 use crate::oci::RepoName;
 
 pub use units::{parse_duration, parse_size};
@@ -51,7 +53,7 @@ pub struct Config {
     /// Access rules in file order (first match wins), and the policy compiled from them.
     pub access: Vec<AccessRule>,
     pub policy: Policy,
-    pub mirrors: Vec<MirrorConfig>,
+    pub mirrors: Vec<MirrorJob>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,23 +138,6 @@ pub struct AuthConfig {
     pub service: String,
 }
 
-#[derive(Debug, Clone)]
-pub struct MirrorConfig {
-    pub name: String,
-    pub upstream: String,
-    pub repositories: Vec<String>,
-    pub tags: Vec<String>,
-    pub tag_regex: Option<String>,
-    pub semver: Option<String>,
-    pub keep_newest: Option<usize>,
-    pub platforms: Vec<String>,
-    pub referrers: bool,
-    pub schedule: Option<String>,
-    pub bandwidth: Option<u64>,
-    pub concurrency: usize,
-    pub prune: bool,
-}
-
 impl Config {
     /// Parses and validates a configuration file's text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
@@ -184,6 +169,29 @@ impl Config {
             .token_secret_file
             .clone()
             .unwrap_or_else(|| self.storage.path.join("token.secret"))
+    }
+
+    /// Settings this file uses that are validated but whose feature is not built yet, each
+    /// as a message naming the key. `serve` and `config check` refuse such a file: a
+    /// setting that is accepted must work.
+    pub fn unbuilt(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.server.tls.as_ref().is_some_and(|t| t.http3) {
+            out.push(
+                "server.tls.http3 = true: HTTP/3 is not built yet; remove the key or set it \
+                 to false"
+                    .to_owned(),
+            );
+        }
+        if !self.mirrors.is_empty() {
+            let names: Vec<&str> = self.mirrors.iter().map(|m| m.name.as_str()).collect();
+            out.push(format!(
+                "[[mirror]] ({}): the jobs are valid, but scheduled mirroring is not built \
+                 yet; remove the [[mirror]] sections to serve",
+                names.join(", ")
+            ));
+        }
+        out
     }
 
     /// The upstream whose name or alias is `ns` (Docker Hub's historic hosts included).
@@ -290,11 +298,7 @@ impl Validator {
                 Policy::default_deny()
             }
         };
-        let mirrors = raw
-            .mirror
-            .into_iter()
-            .map(|m| self.mirror(m, &upstreams))
-            .collect();
+        let mirrors = self.mirrors(raw.mirror, &upstreams);
         if self.errors.is_empty() {
             Ok(Config {
                 server,
@@ -507,32 +511,121 @@ impl Validator {
         }
     }
 
-    fn mirror(&mut self, raw: raw::RawMirror, upstreams: &[UpstreamConfig]) -> MirrorConfig {
+    fn mirrors(
+        &mut self,
+        raw: Vec<raw::RawMirror>,
+        upstreams: &[UpstreamConfig],
+    ) -> Vec<MirrorJob> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut jobs = Vec::new();
+        for m in raw {
+            if !seen.insert(m.name.clone()) {
+                self.err(format!("mirror {:?}: another job has this name", m.name));
+            }
+            if let Some(job) = self.mirror(m, upstreams) {
+                jobs.push(job);
+            }
+        }
+        jobs
+    }
+
+    fn mirror(&mut self, raw: raw::RawMirror, upstreams: &[UpstreamConfig]) -> Option<MirrorJob> {
         let field = format!("mirror {:?}", raw.name);
+        let before = self.errors.len();
+        if !valid_job_name(&raw.name) {
+            self.err(format!(
+                "{field}: name must be 1-64 characters of a-z, 0-9, '-', '_', '.' (it is a \
+                 metric label), starting with a letter or digit"
+            ));
+        }
         if !upstreams.iter().any(|u| u.name == raw.upstream) {
-            self.err(format!("{field}: no upstream is named {:?}", raw.upstream));
+            self.err(format!(
+                "{field}.upstream: no upstream is named {:?}",
+                raw.upstream
+            ));
         }
         if raw.repositories.is_empty() {
-            self.err(format!("{field}: repositories is empty"));
+            self.err(format!(
+                "{field}.repositories: is empty; list the repositories to mirror"
+            ));
         }
-        MirrorConfig {
-            bandwidth: self.size(
-                &format!("{field}.bandwidth"),
-                raw.bandwidth.as_deref().map(|b| b.trim_end_matches("/s")),
-            ),
+        let mut repositories = Vec::new();
+        for r in &raw.repositories {
+            if r.contains(['*', '?', '[']) {
+                match globset::GlobBuilder::new(r).literal_separator(true).build() {
+                    Ok(_) => repositories.push(RepoSelector::Glob(r.clone())),
+                    Err(e) => self.err(format!(
+                        "{field}.repositories: {r:?} is not a valid glob: {e}"
+                    )),
+                }
+            } else {
+                match r.parse::<RepoName>() {
+                    Ok(name) => repositories.push(RepoSelector::Name(name)),
+                    Err(e) => self.err(format!("{field}.repositories: {r:?}: {e}")),
+                }
+            }
+        }
+        let tags = TagFilter::new(FilterSpec {
+            tags: &raw.tags,
+            tag_regex: raw.tag_regex.as_deref(),
+            semver: raw.semver.as_deref(),
+            keep_newest: raw.keep_newest,
+        })
+        .map_err(|errors| {
+            for e in errors {
+                self.err(format!("{field}.{e}"));
+            }
+        })
+        .ok();
+        let platforms = raw
+            .platforms
+            .iter()
+            .filter_map(|p| {
+                p.parse()
+                    .map_err(|e| self.err(format!("{field}.platforms: {e}")))
+                    .ok()
+            })
+            .collect();
+        let schedule = raw.schedule.as_deref().and_then(|s| {
+            s.parse()
+                .map_err(|e| self.err(format!("{field}.schedule: {e}")))
+                .ok()
+        });
+        let jitter = self.duration(
+            &format!("{field}.jitter"),
+            raw.jitter.as_deref(),
+            Duration::from_secs(30 * 60),
+        );
+        if jitter > Duration::from_secs(86_400) {
+            self.err(format!("{field}.jitter: at most 24h"));
+        }
+        let bandwidth = self.size(
+            &format!("{field}.bandwidth"),
+            raw.bandwidth
+                .as_deref()
+                .map(|b| b.trim().trim_end_matches("/s")),
+        );
+        if bandwidth == Some(0) {
+            self.err(format!("{field}.bandwidth: must be more than 0"));
+        }
+        let concurrency = raw.concurrency.unwrap_or(4);
+        if !(1..=64).contains(&concurrency) {
+            self.err(format!("{field}.concurrency: must be 1 to 64"));
+        }
+        let tags = tags?;
+        (self.errors.len() == before).then_some(MirrorJob {
             name: raw.name,
             upstream: raw.upstream,
-            repositories: raw.repositories,
-            tags: raw.tags,
-            tag_regex: raw.tag_regex,
-            semver: raw.semver,
-            keep_newest: raw.keep_newest,
-            platforms: raw.platforms,
+            repositories,
+            tags,
+            platforms,
             referrers: raw.referrers,
-            schedule: raw.schedule,
-            concurrency: raw.concurrency.unwrap_or(4).max(1),
+            schedule,
+            jitter,
+            bandwidth,
+            concurrency,
             prune: raw.prune,
-        }
+        })
     }
 }
 
@@ -656,6 +749,95 @@ anonymous = ["push"]
         assert!(
             shown.contains("auth.failure_limit") && shown.contains("auth.failure_window"),
             "{shown}"
+        );
+    }
+
+    const BASE: &str = "[server]\nlisten=[\"127.0.0.1:0\"]\npublic_url=\"http://x\"\n\
+        [storage]\npath=\"x\"\n[[upstream]]\nname=\"central.corp\"\nurl=\"https://c\"\n";
+
+    #[test]
+    fn mirror_jobs_are_validated_into_typed_jobs() {
+        let c = Config::from_toml(&format!(
+            "{BASE}[[mirror]]\nname=\"apps\"\nupstream=\"central.corp\"\n\
+             repositories=[\"team/app\", \"base/*\"]\ntags=[\"v*\"]\nsemver=\">=1.2, <2\"\n\
+             keep_newest=3\nplatforms=[\"linux/amd64\", \"linux/arm64/v8\"]\nreferrers=true\n\
+             schedule=\"0 2 * * *\"\nbandwidth=\"10MiB/s\"\nprune=true\n"
+        ))
+        .expect("valid job");
+        let job = &c.mirrors[0];
+        assert_eq!(job.name, "apps");
+        assert!(matches!(&job.repositories[0], RepoSelector::Name(n) if n.as_str() == "team/app"));
+        assert!(matches!(&job.repositories[1], RepoSelector::Glob(g) if g == "base/*"));
+        assert_eq!(job.platforms.len(), 2);
+        assert_eq!(
+            job.schedule.as_ref().map(ToString::to_string).as_deref(),
+            Some("0 2 * * *")
+        );
+        assert_eq!(job.bandwidth, Some(10 << 20));
+        assert_eq!(
+            (job.concurrency, job.jitter),
+            (4, Duration::from_secs(1800))
+        );
+        assert!(job.prune && job.referrers);
+        assert_eq!(
+            job.tags
+                .select(["v1.1.0", "v1.2.0", "v1.3.0", "v1.9.0", "v2.0.0", "1.5.0"]),
+            vec!["v1.2.0", "v1.3.0", "v1.9.0"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            c.unbuilt().len(),
+            1,
+            "mirroring is refused until it is built"
+        );
+        assert!(c.unbuilt()[0].contains("apps"));
+    }
+
+    /// Regression: `config check` accepted `schedule = "every now and then"`.
+    #[test]
+    fn every_bad_mirror_key_is_named() {
+        let e = Config::from_toml(&format!(
+            "{BASE}[[mirror]]\nname=\"Apps!\"\nupstream=\"nowhere\"\nrepositories=[\"Team/App\"]\n\
+             tag_regex=\"(\"\nsemver=\"about 1\"\nplatforms=[\"linux\"]\n\
+             schedule=\"every now and then\"\nbandwidth=\"fast\"\nconcurrency=0\njitter=\"soon\"\n\
+             [[mirror]]\nname=\"empty\"\nupstream=\"central.corp\"\nrepositories=[]\n\
+             [[mirror]]\nname=\"empty\"\nupstream=\"central.corp\"\nrepositories=[\"a/b\"]\ntags=[\"*\"]\n"
+        ))
+        .expect_err("invalid jobs")
+        .to_string();
+        for needle in [
+            "mirror \"Apps!\": name",
+            ".upstream: no upstream",
+            ".repositories: \"Team/App\"",
+            ".tag_regex:",
+            ".semver:",
+            ".platforms:",
+            ".schedule:",
+            ".bandwidth:",
+            ".concurrency:",
+            ".jitter:",
+            "mirror \"empty\".repositories: is empty",
+            "mirror \"empty\".no tag filter",
+            "another job has this name",
+        ] {
+            assert!(e.contains(needle), "{needle:?} missing in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn http3_is_refused_until_built() {
+        let c = Config::from_toml(&format!(
+            "{BASE}[server.tls]\nlisten=[\"127.0.0.1:0\"]\ncert=\"c.pem\"\nkey=\"k.pem\"\nhttp3=true\n"
+        ))
+        .expect("valid");
+        assert!(c.unbuilt()[0].contains("server.tls.http3"));
+        assert!(
+            Config::embedded_default()
+                .expect("default")
+                .unbuilt()
+                .is_empty()
         );
     }
 

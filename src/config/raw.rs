@@ -122,4 +122,5 @@ pub struct RawMirror {
     pub concurrency: Option<usize>,
     #[serde(default)]
     pub prune: bool,
+    pub jitter: Option<String>,
 }

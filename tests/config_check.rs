@@ -1,0 +1,74 @@
+//! `outpost config check` and `outpost serve` on settings that validate but whose feature
+//! is not built: refused loudly, each named, never silently ignored.
+
+mod common;
+
+use common::outpost;
+
+const BASE: &str = "[server]\nlisten = [\"127.0.0.1:0\"]\npublic_url = \"http://127.0.0.1\"\n\
+    [storage]\npath = \"data\"\n[[upstream]]\nname = \"central.corp\"\nurl = \"https://central.corp\"\n";
+
+fn check(dir: &std::path::Path, text: &str) -> (bool, String) {
+    let path = dir.join("outpost.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = outpost(&["config", "check", "--config", path.to_str().expect("utf8")]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Regression: `config check` accepted `schedule = "every now and then"`, and mirror jobs
+/// were parsed but never ran.
+#[test]
+fn mirror_jobs_are_validated_then_refused_until_mirroring_is_built() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ok, err) = check(
+        dir.path(),
+        &format!(
+            "{BASE}[[mirror]]\nname = \"apps\"\nupstream = \"central.corp\"\n\
+             repositories = [\"team/app\"]\ntags = [\"v*\"]\nschedule = \"every now and then\"\n"
+        ),
+    );
+    assert!(!ok);
+    assert!(err.contains("mirror \"apps\".schedule"), "{err}");
+
+    let valid = format!(
+        "{BASE}[[mirror]]\nname = \"apps\"\nupstream = \"central.corp\"\n\
+         repositories = [\"team/app\"]\ntags = [\"v*\"]\nschedule = \"0 2 * * *\"\n"
+    );
+    let (ok, err) = check(dir.path(), &valid);
+    assert!(
+        !ok,
+        "a mirror job must not be accepted while it would not run"
+    );
+    assert!(err.contains("the configuration is valid"), "{err}");
+    assert!(
+        err.contains("[[mirror]] (apps)") && err.contains("not built yet"),
+        "{err}"
+    );
+
+    let out = outpost(&[
+        "serve",
+        "--config",
+        dir.path().join("outpost.toml").to_str().expect("utf8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve must refuse it too");
+    assert!(err.contains("[[mirror]] (apps)"), "{err}");
+}
+
+#[test]
+fn http3_is_refused_until_it_is_built() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ok, err) = check(
+        dir.path(),
+        &format!(
+            "{BASE}[server.tls]\nlisten = [\"127.0.0.1:0\"]\ncert = \"c.pem\"\nkey = \"k.pem\"\nhttp3 = true\n"
+        ),
+    );
+    assert!(!ok);
+    assert!(err.contains("server.tls.http3"), "{err}");
+    let (ok, err) = check(dir.path(), BASE);
+    assert!(ok, "{err}");
+}
