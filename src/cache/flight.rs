@@ -10,28 +10,25 @@
 //! complete body that failed verification.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::Bytes;
-use futures_util::{FutureExt, Stream, StreamExt};
-use tokio::sync::{mpsc, watch};
+use futures_util::Stream;
+use tokio::sync::watch;
 
 use super::CacheError;
-use crate::oci::{Digest, Hasher, RepoName};
-use crate::storage::{FileRange, Store};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::oci::{Digest, RepoName};
+use crate::storage::{FileRange, GrowingBlob, LinkOrigin, Store, StreamError, WriteError};
+use crate::upstream::Upstream;
 
 /// How a download stands.
 #[derive(Clone, Debug)]
 enum Progress {
     /// Waiting for the upstream's response headers.
     Connecting,
-    /// Bytes `0..written` are in the temp file.
+    /// Bytes are arriving; the flight's [`GrowingBlob`] says how many are on disk.
     Receiving {
         size: Option<u64>,
-        written: u64,
     },
     /// Verified: every byte may be served. The commit may still be running.
     Complete {
@@ -42,9 +39,8 @@ enum Progress {
 
 struct Flight {
     progress: watch::Receiver<Progress>,
-    temp: PathBuf,
-    /// Where the file lives once committed.
-    committed: PathBuf,
+    /// The bytes on disk, set by the leader before it publishes `Receiving`.
+    blob: OnceLock<GrowingBlob>,
 }
 
 /// Downloads in flight, by (repository, digest).
@@ -87,19 +83,17 @@ impl Flights {
                     let (tx, rx) = watch::channel(Progress::Connecting);
                     let flight = Arc::new(Flight {
                         progress: rx,
-                        temp: fetch.store.temp_path(),
-                        committed: fetch.store.blob_path(&fetch.digest),
+                        blob: OnceLock::new(),
                     });
                     running.insert(key.clone(), flight.clone());
                     let this = Arc::clone(self);
-                    let temp = flight.temp.clone();
+                    let leader = flight.clone();
                     tokio::spawn(async move {
-                        let result = download(&fetch, &temp, &tx).await;
+                        let result = download(&fetch, &leader, &tx).await;
                         if let Ok(mut running) = this.running.lock() {
                             running.remove(&key);
                         }
                         if let Err(e) = result {
-                            let _ = tokio::fs::remove_file(&temp).await;
                             tracing::warn!(
                                 upstream = fetch.upstream.name(),
                                 repo = %fetch.remote,
@@ -166,153 +160,59 @@ impl Flights {
     }
 }
 
-/// The leader: fetches, writes, hashes, verifies, commits. Returns the size.
+/// The leader: fetches, writes, verifies, commits. Returns the size.
 ///
-/// The network side only receives, gathering what has already arrived into batches of
-/// up to [`BATCH`] bytes. Two blocking threads take each batch: one appends it to the
-/// temp file and tells followers, the other hashes it. Receiving, writing and hashing
-/// overlap, and followers are woken once per batch rather than once per network read.
-/// Followers get the last byte as soon as the digest checks out: the commit (fsync,
-/// rename, redb) happens after that and is not on any client's path.
+/// The store's blob writer does the work: the network side gathers what has already
+/// arrived into batches, one blocking thread appends them to the part file and publishes
+/// the length for followers, another hashes them. Followers get the last byte as soon
+/// as the digest checks out: the commit (fsync, rename, redb) happens after that and is
+/// not on any client's path.
 async fn download(
     fetch: &Fetch,
-    temp: &Path,
+    flight: &Flight,
     tx: &watch::Sender<Progress>,
 ) -> Result<u64, CacheError> {
     let resp = fetch.upstream.blob(&fetch.remote, &fetch.digest, 0).await?;
-    let file = std::fs::File::create(temp).map_err(CacheError::io)?;
+    // Dropped on any failure below, the writer removes its part file.
+    let mut writer = fetch.store.blob_writer(fetch.digest.algorithm()).await?;
     let size = resp.size;
-    tx.send_replace(Progress::Receiving { size, written: 0 });
-    let (to_writer, writer_queue) = mpsc::channel::<Batch>(QUEUED_BATCHES);
-    let (to_hasher, hasher_queue) = mpsc::channel::<Batch>(QUEUED_BATCHES);
-    let writer = {
-        let tx = tx.clone();
-        tokio::task::spawn_blocking(move || write_file(file, writer_queue, size, &tx))
+    // Set once, by this leader, before anyone is told there are bytes to read.
+    let _ = flight.blob.set(writer.growing(&fetch.digest));
+    tx.send_replace(Progress::Receiving { size });
+    let written = match writer.write_stream(resp.body, size).await {
+        Ok(n) => n,
+        Err(StreamError::Body(e)) => return Err(e.into()),
+        Err(StreamError::TooLong) => {
+            return Err(CacheError::Invalid(
+                "upstream sent more bytes than it announced".into(),
+            ));
+        }
+        Err(StreamError::Write(e)) => return Err(write_error(e)),
     };
-    let algorithm = fetch.digest.algorithm();
-    let hasher = tokio::task::spawn_blocking(move || hash(hasher_queue, algorithm));
-    let failure = receive(resp.body, size, &to_writer, &to_hasher).await;
-    drop((to_writer, to_hasher));
-    let written = writer.await.map_err(|_| CacheError::Internal)?;
-    let actual = hasher.await.map_err(|_| CacheError::Internal)?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let written = written.map_err(CacheError::io)?;
     if size.is_some_and(|s| s != written) {
         return Err(CacheError::Invalid(format!(
             "upstream sent {written} bytes of an announced {}",
             size.unwrap_or_default()
         )));
     }
-    if actual != fetch.digest {
-        return Err(CacheError::Invalid(format!(
-            "upstream sent content with digest {actual} for {}",
-            fetch.digest
-        )));
-    }
+    let verified = writer.verify(&fetch.digest).await.map_err(write_error)?;
+    let size = verified.size();
     // Verified: followers may have the last byte while the commit runs.
-    tx.send_replace(Progress::Complete { size: written });
-    fetch
-        .store
-        .commit_fetched(&fetch.canonical, temp.to_path_buf(), &fetch.digest, written)
+    tx.send_replace(Progress::Complete { size });
+    verified
+        .commit(&fetch.canonical, LinkOrigin::Upstream)
         .await?;
     fetch.committed.notify_one();
-    Ok(written)
+    Ok(size)
 }
 
-/// Network chunks handed to the writer and hasher threads together.
-type Batch = Arc<Vec<Bytes>>;
-
-/// Most bytes gathered into one batch.
-const BATCH: usize = 1 << 20;
-
-/// Batches the network side may run ahead of the slower of the two threads.
-const QUEUED_BATCHES: usize = 4;
-
-/// Receives the body into batches for the writer and the hasher. Returns why it
-/// stopped early, if it did (a thread that stopped reports its own error).
-async fn receive(
-    mut body: impl Stream<Item = Result<Bytes, UpstreamError>> + Unpin,
-    size: Option<u64>,
-    to_writer: &mpsc::Sender<Batch>,
-    to_hasher: &mpsc::Sender<Batch>,
-) -> Option<CacheError> {
-    let mut received = 0u64;
-    loop {
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        let mut ended = false;
-        // Wait for one chunk, then take whatever else has already arrived.
-        let mut next = body.next().await;
-        loop {
-            match next {
-                None => {
-                    ended = true;
-                    break;
-                }
-                Some(Err(e)) => return Some(CacheError::from(e)),
-                Some(Ok(chunk)) => {
-                    bytes += chunk.len();
-                    batch.push(chunk);
-                }
-            }
-            if bytes >= BATCH {
-                break;
-            }
-            match body.next().now_or_never() {
-                Some(n) => next = n,
-                None => break,
-            }
-        }
-        received += bytes as u64;
-        if size.is_some_and(|s| received > s) {
-            return Some(CacheError::Invalid(
-                "upstream sent more bytes than it announced".into(),
-            ));
-        }
-        if !batch.is_empty() {
-            let batch = Arc::new(batch);
-            if to_writer.send(Arc::clone(&batch)).await.is_err()
-                || to_hasher.send(batch).await.is_err()
-            {
-                return None;
-            }
-        }
-        if ended {
-            return None;
-        }
+fn write_error(e: WriteError) -> CacheError {
+    match e {
+        WriteError::DigestMismatch { expected, actual } => CacheError::Invalid(format!(
+            "upstream sent content with digest {actual} for {expected}"
+        )),
+        WriteError::Storage(e) => e.into(),
     }
-}
-
-/// The writer thread: appends each batch to `file`, then tells followers. Returns the
-/// length written.
-fn write_file(
-    mut file: std::fs::File,
-    mut queue: mpsc::Receiver<Batch>,
-    size: Option<u64>,
-    tx: &watch::Sender<Progress>,
-) -> io::Result<u64> {
-    let mut written = 0u64;
-    while let Some(batch) = queue.blocking_recv() {
-        for chunk in batch.iter() {
-            file.write_all(chunk)?;
-            written += chunk.len() as u64;
-        }
-        tx.send_replace(Progress::Receiving { size, written });
-    }
-    Ok(written)
-}
-
-/// The hasher thread: the digest of every batch, in order.
-fn hash(mut queue: mpsc::Receiver<Batch>, algorithm: crate::oci::Algorithm) -> Digest {
-    let mut hasher = Hasher::new(algorithm);
-    while let Some(batch) = queue.blocking_recv() {
-        for chunk in batch.iter() {
-            hasher.update(chunk);
-        }
-    }
-    hasher.finish()
 }
 
 impl Follower {
@@ -327,6 +227,8 @@ impl Follower {
         let state = ReadState {
             flight: self.flight.clone(),
             rx: self.flight.progress.clone(),
+            blob: None,
+            growing: true,
             file: None,
             pos: start,
             end,
@@ -345,6 +247,10 @@ impl Follower {
 struct ReadState {
     flight: Arc<Flight>,
     rx: watch::Receiver<Progress>,
+    /// This reader's handle on the bytes on disk, once the leader has one.
+    blob: Option<GrowingBlob>,
+    /// Whether the writer may still publish more bytes.
+    growing: bool,
     file: Option<Arc<std::fs::File>>,
     pos: u64,
     end: Option<u64>,
@@ -353,9 +259,15 @@ struct ReadState {
 impl ReadState {
     async fn next_range(&mut self) -> io::Result<Option<FileRange>> {
         loop {
-            let (available, done) = match &*self.rx.borrow_and_update() {
+            let progress = self.rx.borrow_and_update().clone();
+            if self.blob.is_none() {
+                self.blob = self.flight.blob.get().cloned();
+            }
+            let (available, done) = match &progress {
                 Progress::Connecting => (0, false),
-                Progress::Receiving { written, .. } => (*written, false),
+                Progress::Receiving { .. } => {
+                    (self.blob.as_mut().map_or(0, |b| b.written()), false)
+                }
                 Progress::Complete { size } => (*size, true),
                 Progress::Failed(e) => {
                     return Err(io::Error::other(format!("upstream download failed: {e}")));
@@ -382,30 +294,39 @@ impl ReadState {
             if done || self.end.is_some_and(|e| self.pos >= e) {
                 return Ok(None);
             }
-            if self.rx.changed().await.is_err() {
-                // The leader is gone; its last word decides.
-                if let Progress::Complete { .. } = &*self.rx.borrow() {
-                    continue;
+            let more = async {
+                match self.blob.as_mut() {
+                    Some(blob) if self.growing => blob.changed().await,
+                    _ => std::future::pending().await,
                 }
-                return Err(io::Error::other("upstream download was abandoned"));
+            };
+            tokio::select! {
+                changed = self.rx.changed() => if changed.is_err() {
+                    // The leader is gone; its last word decides.
+                    if let Progress::Complete { .. } = &*self.rx.borrow() {
+                        continue;
+                    }
+                    return Err(io::Error::other("upstream download was abandoned"));
+                },
+                more = more => if !more {
+                    // Every byte is written; only the leader's verdict is still to come.
+                    self.growing = false;
+                },
             }
         }
     }
 
-    /// The download's file, opened on first use: the temp file, or the committed blob
+    /// The download's file, opened on first use: the part file, or the committed blob
     /// once it has been renamed (the same bytes under their final name).
     async fn open(&mut self) -> io::Result<Arc<std::fs::File>> {
         if let Some(file) = &self.file {
             return Ok(Arc::clone(file));
         }
-        let (temp, committed) = (self.flight.temp.clone(), self.flight.committed.clone());
-        let file = tokio::task::spawn_blocking(move || match std::fs::File::open(&temp) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::File::open(committed),
-            other => other,
-        })
-        .await
-        .map_err(|_| io::Error::other("open task failed"))??;
-        let file = Arc::new(file);
+        let blob = self
+            .blob
+            .as_ref()
+            .ok_or_else(|| io::Error::other("download has no file yet"))?;
+        let file = Arc::new(blob.open().await?);
         self.file = Some(Arc::clone(&file));
         Ok(file)
     }

@@ -52,10 +52,6 @@ pub enum CacheError {
 }
 
 impl CacheError {
-    fn io(e: std::io::Error) -> CacheError {
-        CacheError::Storage(Arc::new(StorageError::Io(e)))
-    }
-
     fn is_gone(&self) -> bool {
         matches!(self, CacheError::Upstream(UpstreamError::NotFound))
     }

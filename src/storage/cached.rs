@@ -7,7 +7,6 @@
 //! in batches, so serving a blob never costs a database write.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use bytes::Bytes;
 use redb::{ReadableDatabase, ReadableTable};
@@ -53,36 +52,6 @@ pub struct EvictReport {
 }
 
 impl Store {
-    /// A fresh temporary file path for a download; swept at start-up if left behind.
-    pub fn temp_path(&self) -> PathBuf {
-        self.inner.files.temp_path()
-    }
-
-    /// Where the file of `digest` lives once committed.
-    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.inner.files.blob_path(digest)
-    }
-
-    /// Commits a downloaded, verified temp file as `digest` and links it into `repo`
-    /// as upstream content.
-    pub async fn commit_fetched(
-        &self,
-        repo: &RepoName,
-        temp: PathBuf,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<(), StorageError> {
-        let (repo, digest) = (repo.clone(), digest.clone());
-        self.blocking(move |i| {
-            let _guard = i.commit_lock.read().map_err(|_| StorageError::Task)?;
-            i.files.commit(&temp, &digest)?;
-            i.link(&repo, &digest, Some(size), LinkOrigin::Upstream, None)?;
-            i.record_access(&digest);
-            Ok(())
-        })
-        .await
-    }
-
     /// Size of `digest` if its file is stored, whichever repository holds it.
     pub async fn stored_blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
         let digest = digest.clone();

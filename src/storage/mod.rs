@@ -14,6 +14,7 @@ mod keys;
 mod maintenance;
 mod schema;
 mod uploads;
+mod writer;
 
 use std::collections::HashMap;
 use std::io;
@@ -34,6 +35,7 @@ pub use files::FileRange;
 pub use maintenance::{FsckReport, GcReport};
 pub use schema::{CentralDecisionRecord, CentralUserRecord, KeyRecord, LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
+pub use writer::{BlobWriter, GrowingBlob, StreamError, VerifiedBlob, WriteError};
 
 /// A failure of the store itself (disk, database); always the server's fault.
 #[derive(Debug, thiserror::Error)]
