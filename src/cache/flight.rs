@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use futures_util::Stream;
 use tokio::sync::watch;
@@ -43,10 +43,13 @@ struct Flight {
     blob: OnceLock<GrowingBlob>,
 }
 
+/// What a flight is keyed by: (repository, digest).
+type FlightKey = (String, String);
+
 /// Downloads in flight, by (repository, digest).
 #[derive(Default)]
 pub struct Flights {
-    running: Mutex<HashMap<(String, String), Arc<Flight>>>,
+    running: Mutex<HashMap<FlightKey, Arc<Flight>>>,
 }
 
 /// What a leader needs to run a download.
@@ -70,13 +73,64 @@ pub struct Follower {
     pub joined: bool,
 }
 
+/// The leader's hold on its flight, released when dropped: after the download ended,
+/// and equally when it panicked or its task was cancelled. Either way the key leaves the
+/// map, so the next caller starts afresh, and followers get an error rather than
+/// waiting for bytes that will never come.
+struct Leader {
+    flights: Arc<Flights>,
+    key: FlightKey,
+    flight: Arc<Flight>,
+    tx: watch::Sender<Progress>,
+    /// Why the download failed; none after success, or when it never returned.
+    failure: Option<CacheError>,
+}
+
+impl Leader {
+    /// Records why the download failed, for followers to get when the leader drops.
+    fn fail(&mut self, e: CacheError) {
+        self.failure = Some(e);
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        // Leave the map first: a caller arriving now starts a new download rather than
+        // joining this one as it fails.
+        let mut running = self.flights.lock();
+        if running
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            running.remove(&self.key);
+        }
+        drop(running);
+        let failure = self.failure.take().unwrap_or(CacheError::Abandoned);
+        // Once verified, followers keep the verdict: the bytes they read are right even
+        // if storing them failed.
+        self.tx.send_if_modified(|p| {
+            let settled = matches!(p, Progress::Complete { .. } | Progress::Failed(_));
+            if !settled {
+                *p = Progress::Failed(failure);
+            }
+            !settled
+        });
+    }
+}
+
 impl Flights {
+    /// The map of flights. No code panics while holding it, but a poisoned map would
+    /// stop every download until restart, so poisoning is ignored.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlightKey, Arc<Flight>>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Joins the download of `fetch.digest` for its repository, starting it if none is
     /// running, and waits until the upstream has answered.
     pub async fn follow(self: &Arc<Self>, fetch: Fetch) -> Result<Follower, CacheError> {
         let key = (fetch.canonical.to_string(), fetch.digest.to_string());
         let (flight, joined) = {
-            let mut running = self.running.lock().map_err(|_| CacheError::Internal)?;
+            let mut running = self.lock();
             match running.get(&key) {
                 Some(f) => (f.clone(), true),
                 None => {
@@ -86,14 +140,15 @@ impl Flights {
                         blob: OnceLock::new(),
                     });
                     running.insert(key.clone(), flight.clone());
-                    let this = Arc::clone(self);
-                    let leader = flight.clone();
+                    let mut leader = Leader {
+                        flights: Arc::clone(self),
+                        key,
+                        flight: flight.clone(),
+                        tx,
+                        failure: None,
+                    };
                     tokio::spawn(async move {
-                        let result = download(&fetch, &leader, &tx).await;
-                        if let Ok(mut running) = this.running.lock() {
-                            running.remove(&key);
-                        }
-                        if let Err(e) = result {
+                        if let Err(e) = download(&fetch, &leader.flight, &leader.tx).await {
                             tracing::warn!(
                                 upstream = fetch.upstream.name(),
                                 repo = %fetch.remote,
@@ -101,16 +156,9 @@ impl Flights {
                                 error = %e,
                                 "blob download failed"
                             );
-                            // Once verified, followers keep the verdict: the bytes they
-                            // read are right even if storing them failed.
-                            tx.send_if_modified(|p| {
-                                let verified = matches!(p, Progress::Complete { .. });
-                                if !verified {
-                                    *p = Progress::Failed(e);
-                                }
-                                !verified
-                            });
+                            leader.fail(e);
                         }
+                        // Dropping the leader ends the flight, as it would on a panic.
                     });
                     (flight, false)
                 }
@@ -142,17 +190,14 @@ impl Flights {
     /// committing have finished, so that a client who has the whole blob and asks again,
     /// through whatever repository, finds it stored.
     pub async fn settle(&self, digest: &Digest) {
-        let committing: Vec<_> = match self.running.lock() {
-            Ok(running) => running
-                .iter()
-                .filter(|((_, d), f)| {
-                    d == digest.as_str()
-                        && matches!(*f.progress.borrow(), Progress::Complete { .. })
-                })
-                .map(|(_, f)| f.progress.clone())
-                .collect(),
-            Err(_) => return,
-        };
+        let committing: Vec<_> = self
+            .lock()
+            .iter()
+            .filter(|((_, d), f)| {
+                d == digest.as_str() && matches!(*f.progress.borrow(), Progress::Complete { .. })
+            })
+            .map(|(_, f)| f.progress.clone())
+            .collect();
         for mut rx in committing {
             // The leader drops its sender when the commit is over; nothing else ends this.
             let _ = rx.wait_for(|_| false).await;
@@ -329,5 +374,119 @@ impl ReadState {
         let file = Arc::new(blob.open().await?);
         self.file = Some(Arc::clone(&file));
         Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::config::UpstreamConfig;
+    use crate::upstream::testserver::{TestServer, respond, stall_after};
+
+    fn upstream(url: &str) -> Upstream {
+        Upstream::new(&UpstreamConfig {
+            name: "test.io".into(),
+            url: url.into(),
+            aliases: Vec::new(),
+            tag_ttl: Duration::from_secs(600),
+            username: None,
+            password_file: None,
+            ca: None,
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(5),
+            revalidate_wait: Duration::from_secs(2),
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(30),
+        })
+        .expect("upstream client")
+    }
+
+    fn fetch(store: &Store, upstream: &Upstream, repo: &str, digest: &Digest) -> Fetch {
+        Fetch {
+            store: store.clone(),
+            upstream: upstream.clone(),
+            remote: repo.parse().expect("remote name"),
+            canonical: format!("test.io/{repo}").parse().expect("canonical name"),
+            digest: digest.clone(),
+            committed: Arc::default(),
+        }
+    }
+
+    /// Every byte a follower is sent, read from the file ranges it yields.
+    async fn read_all(follower: Follower) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut ranges = Box::pin(follower.ranges(0, None));
+        while let Some(range) = tokio::time::timeout(Duration::from_secs(10), ranges.next())
+            .await
+            .map_err(|_| io::Error::other("follower hung"))?
+        {
+            let range = range?;
+            let mut buf = vec![0u8; usize::try_from(range.len).expect("range length")];
+            range.file.read_exact_at(&mut buf, range.offset)?;
+            out.extend_from_slice(&buf);
+        }
+        Ok(out)
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), 1 << 20).expect("store");
+        (dir, store)
+    }
+
+    /// Regression: a download whose leader task was cancelled (here: its runtime shut
+    /// down mid-body) stayed in the map, and every later request for the blob joined
+    /// the dead download and failed until restart.
+    #[test]
+    fn a_cancelled_download_does_not_wedge_its_blob() {
+        let main = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (_dir, store) = store();
+        let blob = vec![7u8; 100_000];
+        let digest = Digest::sha256_of(&blob);
+        let stalled = main.block_on(TestServer::start(|_| async {
+            stall_after(200, &[("content-length", "100000")], vec![7u8; 10])
+        }));
+        let served = blob.clone();
+        let healthy = main.block_on(TestServer::start(move |_| {
+            let body = served.clone();
+            async move { respond(200, &[], body) }
+        }));
+        let flights: Arc<Flights> = Arc::default();
+        let doomed = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let stalled_client = upstream(&stalled.url());
+        let follower = doomed.block_on(async {
+            let f = flights
+                .follow(fetch(&store, &stalled_client, "a", &digest))
+                .await
+                .expect("the stalled upstream answers headers");
+            assert!(!f.joined);
+            f
+        });
+        // Cancels the leader mid-body.
+        drop(doomed);
+        main.block_on(async {
+            assert!(
+                read_all(follower).await.is_err(),
+                "a follower of a cancelled download gets an error, not a body"
+            );
+            let next = flights
+                .follow(fetch(&store, &upstream(&healthy.url()), "a", &digest))
+                .await
+                .expect("a new download starts");
+            assert!(!next.joined, "the next request leads a new download");
+            assert_eq!(read_all(next).await.expect("body"), blob);
+        });
     }
 }
