@@ -1,6 +1,10 @@
-//! Blob downloads in flight: one upstream fetch per (repository, digest), written to a
-//! temp file while it is hashed, and read by every client that asked for it as the
-//! bytes arrive.
+//! Blob downloads in flight: one upstream fetch per digest, whichever repositories ask
+//! for it, written through the store's blob writer and read by every client that asked
+//! for it as the bytes arrive.
+//!
+//! Coalescing is by content, visibility is not: a client of another repository than the
+//! leader's joins only after the upstream confirmed (HEAD through that repository) that
+//! the repository has the blob, and that repository is linked when the blob commits.
 //!
 //! The download is a detached task (the *leader*); each client is a *follower* sent
 //! ranges of the temp file up to the length the leader has published. On success the
@@ -41,12 +45,54 @@ struct Flight {
     progress: watch::Receiver<Progress>,
     /// The bytes on disk, set by the leader before it publishes `Receiving`.
     blob: OnceLock<GrowingBlob>,
+    /// The repository the leader downloads for; it is linked by the commit itself.
+    origin: RepoName,
+    links: Mutex<Links>,
 }
 
-/// What a flight is keyed by: (repository, digest).
-type FlightKey = (String, String);
+/// Other repositories the upstream confirmed while the blob was in flight.
+#[derive(Default)]
+struct Links {
+    waiting: Vec<RepoName>,
+    /// Set (with `waiting` taken) by the leader once the blob is committed: from then
+    /// on a joining repository links itself.
+    committed: bool,
+}
 
-/// Downloads in flight, by (repository, digest).
+impl Flight {
+    fn serves(&self, repo: &RepoName) -> bool {
+        *repo == self.origin || lock(&self.links).waiting.contains(repo)
+    }
+
+    /// Asks for `repo` to be linked when the blob commits. Returns false if it already
+    /// has, in which case the caller links it.
+    fn link_later(&self, repo: &RepoName) -> bool {
+        let mut links = lock(&self.links);
+        if links.committed {
+            return false;
+        }
+        links.waiting.push(repo.clone());
+        true
+    }
+
+    /// Marks the blob committed and returns the repositories waiting to be linked.
+    fn committed(&self) -> Vec<RepoName> {
+        let mut links = lock(&self.links);
+        links.committed = true;
+        std::mem::take(&mut links.waiting)
+    }
+}
+
+/// No code panics while holding these locks; were one poisoned anyway, refusing every
+/// later download until restart would be worse than using it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a flight is keyed by: the blob's digest.
+type FlightKey = String;
+
+/// Downloads in flight, by digest.
 #[derive(Default)]
 pub struct Flights {
     running: Mutex<HashMap<FlightKey, Arc<Flight>>>,
@@ -119,25 +165,27 @@ impl Drop for Leader {
 }
 
 impl Flights {
-    /// The map of flights. No code panics while holding it, but a poisoned map would
-    /// stop every download until restart, so poisoning is ignored.
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlightKey, Arc<Flight>>> {
-        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.running)
     }
 
-    /// Joins the download of `fetch.digest` for its repository, starting it if none is
-    /// running, and waits until the upstream has answered.
+    /// Joins the download of `fetch.digest`, starting it if none is running, and waits
+    /// until the upstream has answered. Joining a download for another repository first
+    /// asks the upstream to confirm this repository has the blob.
     pub async fn follow(self: &Arc<Self>, fetch: Fetch) -> Result<Follower, CacheError> {
-        let key = (fetch.canonical.to_string(), fetch.digest.to_string());
-        let (flight, joined) = {
+        let key = fetch.digest.to_string();
+        // A joiner keeps its fetch (for the confirmation); a leader's moves to its task.
+        let (flight, joiner) = {
             let mut running = self.lock();
             match running.get(&key) {
-                Some(f) => (f.clone(), true),
+                Some(f) => (f.clone(), Some(fetch)),
                 None => {
                     let (tx, rx) = watch::channel(Progress::Connecting);
                     let flight = Arc::new(Flight {
                         progress: rx,
                         blob: OnceLock::new(),
+                        origin: fetch.canonical.clone(),
+                        links: Mutex::default(),
                     });
                     running.insert(key.clone(), flight.clone());
                     let mut leader = Leader {
@@ -160,10 +208,25 @@ impl Flights {
                         }
                         // Dropping the leader ends the flight, as it would on a panic.
                     });
-                    (flight, false)
+                    (flight, None)
                 }
             }
         };
+        let joined = joiner.is_some();
+        if let Some(fetch) = joiner.filter(|f| !flight.serves(&f.canonical)) {
+            // Bytes coming for another repository are not this one's to serve until
+            // the upstream says this repository has them.
+            fetch
+                .upstream
+                .head_blob(&fetch.remote, &fetch.digest)
+                .await?;
+            if !flight.link_later(&fetch.canonical) {
+                fetch
+                    .store
+                    .link_confirmed(&fetch.canonical, &fetch.digest)
+                    .await?;
+            }
+        }
         let mut rx = flight.progress.clone();
         let size = {
             let p = rx
@@ -190,15 +253,12 @@ impl Flights {
     /// committing have finished, so that a client who has the whole blob and asks again,
     /// through whatever repository, finds it stored.
     pub async fn settle(&self, digest: &Digest) {
-        let committing: Vec<_> = self
+        let committing = self
             .lock()
-            .iter()
-            .filter(|((_, d), f)| {
-                d == digest.as_str() && matches!(*f.progress.borrow(), Progress::Complete { .. })
-            })
-            .map(|(_, f)| f.progress.clone())
-            .collect();
-        for mut rx in committing {
+            .get(digest.as_str())
+            .filter(|f| matches!(*f.progress.borrow(), Progress::Complete { .. }))
+            .map(|f| f.progress.clone());
+        if let Some(mut rx) = committing {
             // The leader drops its sender when the commit is over; nothing else ends this.
             let _ = rx.wait_for(|_| false).await;
         }
@@ -247,6 +307,9 @@ async fn download(
     verified
         .commit(&fetch.canonical, LinkOrigin::Upstream)
         .await?;
+    for repo in flight.committed() {
+        fetch.store.link_confirmed(&repo, &fetch.digest).await?;
+    }
     fetch.committed.notify_one();
     Ok(size)
 }
@@ -488,5 +551,126 @@ mod tests {
             assert!(!next.joined, "the next request leads a new download");
             assert_eq!(read_all(next).await.expect("body"), blob);
         });
+    }
+
+    /// Regression: downloads were coalesced per (repository, digest), so 32 clients over
+    /// two repositories of one upstream holding one layer caused 2 upstream transfers.
+    /// Now one transfer serves both, and the second repository still needs the
+    /// upstream's confirmation (a HEAD through its own name) before it may read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_repositories_share_one_download_of_a_layer() {
+        let (_dir, store) = store();
+        let blob: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::sha256_of(&blob);
+        let served = blob.clone();
+        let server = TestServer::start(move |seen| {
+            let body = served.clone();
+            async move {
+                if seen.method == http::Method::HEAD {
+                    return respond(200, &[("content-length", &body.len().to_string())], "");
+                }
+                // Slow enough that every client arrives while the download runs.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                respond(200, &[], body)
+            }
+        })
+        .await;
+        let client = upstream(&server.url());
+        let flights: Arc<Flights> = Arc::default();
+        let get = |repo: &'static str| {
+            let (flights, fetch) = (flights.clone(), fetch(&store, &client, repo, &digest));
+            tokio::spawn(async move {
+                let follower = flights.follow(fetch).await?;
+                let joined = follower.joined;
+                let body = read_all(follower).await.map_err(|_| CacheError::Internal)?;
+                Ok::<_, CacheError>((joined, body))
+            })
+        };
+        // The first client, of repository `a`, leads.
+        let mut clients = vec![get("a")];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 1..32 {
+            clients.push(get(if i % 2 == 0 { "a" } else { "b" }));
+        }
+        let mut joined = 0;
+        for c in clients {
+            let (j, body) = c.await.expect("client task").expect("blob");
+            assert!(body == blob, "every client gets the whole blob");
+            joined += usize::from(j);
+        }
+        assert_eq!(joined, 31);
+        let seen = server.seen();
+        let count = |method: http::Method, prefix: &str| {
+            seen.iter()
+                .filter(|s| s.method == method && s.uri.starts_with(prefix))
+                .count()
+        };
+        assert_eq!(count(http::Method::GET, "/v2/"), 1, "one upstream transfer");
+        assert!(
+            count(http::Method::HEAD, "/v2/b/blobs/") >= 1,
+            "b was confirmed"
+        );
+        assert_eq!(count(http::Method::HEAD, "/v2/a/blobs/"), 0);
+        for repo in ["test.io/a", "test.io/b"] {
+            let repo: RepoName = repo.parse().expect("name");
+            assert!(
+                store
+                    .open_blob(&repo, &digest)
+                    .await
+                    .expect("store")
+                    .is_some(),
+                "{repo} is linked once the blob commits"
+            );
+        }
+    }
+
+    /// A repository the upstream does not confirm never reads bytes coming for
+    /// another repository.
+    #[tokio::test]
+    async fn an_unconfirmed_repository_does_not_join_a_download() {
+        let (_dir, store) = store();
+        let blob = vec![1u8; 1000];
+        let digest = Digest::sha256_of(&blob);
+        let served = blob.clone();
+        let server = TestServer::start(move |seen| {
+            let body = served.clone();
+            async move {
+                if seen.uri.starts_with("/v2/secret/") {
+                    return respond(404, &[], "");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                respond(200, &[], body)
+            }
+        })
+        .await;
+        let client = upstream(&server.url());
+        let flights: Arc<Flights> = Arc::default();
+        let leader = {
+            let (flights, fetch) = (flights.clone(), fetch(&store, &client, "a", &digest));
+            tokio::spawn(async move {
+                read_all(flights.follow(fetch).await?)
+                    .await
+                    .map_err(|_| CacheError::Internal)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let refused = flights
+            .follow(fetch(&store, &client, "secret", &digest))
+            .await;
+        assert!(matches!(
+            refused,
+            Err(CacheError::Upstream(
+                crate::upstream::UpstreamError::NotFound
+            ))
+        ));
+        assert_eq!(leader.await.expect("task").expect("leader's body"), blob);
+        let secret: RepoName = "test.io/secret".parse().expect("name");
+        assert!(
+            store
+                .open_blob(&secret, &digest)
+                .await
+                .expect("store")
+                .is_none()
+        );
     }
 }
