@@ -20,6 +20,8 @@ mod files;
 mod keys;
 mod maintenance;
 mod schema;
+#[cfg(test)]
+mod tests;
 mod uploads;
 mod upstream_tags;
 mod writer;
