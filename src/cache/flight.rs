@@ -71,7 +71,10 @@ impl Flight {
         if links.committed {
             return false;
         }
-        links.waiting.push(repo.clone());
+        // Two clients of one repository may both have been confirmed.
+        if !links.waiting.contains(repo) {
+            links.waiting.push(repo.clone());
+        }
         true
     }
 

@@ -85,7 +85,10 @@ struct PartFile {
 
 impl Drop for PartFile {
     fn drop(&mut self) {
-        // Once committed the path no longer exists, and NotFound is the expected answer.
+        // Synchronous, so that a failed write has left nothing behind when its error is
+        // seen; one unlink is short. Once committed the path no longer exists, and
+        // NotFound is the expected answer. A file a failed removal (or a crash) leaves
+        // is swept at start-up.
         if matches!(self.part, Part::Temp) {
             let _ = std::fs::remove_file(&self.path);
         }
