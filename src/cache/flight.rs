@@ -7,7 +7,7 @@
 //! the repository has the blob, and that repository is linked when the blob commits.
 //!
 //! The download is a detached task (the *leader*); each client is a *follower* sent
-//! ranges of the temp file up to the length the leader has published. On success the
+//! ranges of the growing file up to the length the store's writer has published. On success the
 //! file is verified and then committed (followers with the file open keep reading it
 //! after the rename); on failure followers get an error where the bytes stop. The last
 //! byte is only released once the whole blob is verified, so no client ever receives a
@@ -235,7 +235,7 @@ impl Flights {
             let p = rx
                 .wait_for(|p| !matches!(p, Progress::Connecting))
                 .await
-                .map_err(|_| CacheError::Internal)?;
+                .map_err(|_| CacheError::Abandoned)?;
             match &*p {
                 Progress::Receiving { size, .. } => *size,
                 Progress::Complete { size } => Some(*size),
