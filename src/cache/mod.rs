@@ -49,13 +49,13 @@ pub enum CacheError {
     Storage(Arc<StorageError>),
     #[error("internal error in the pull-through cache")]
     Internal,
+    /// The upstream fetch this request waited for died without an answer (it panicked
+    /// or was cancelled); the next request starts a new one.
+    #[error("the upstream fetch was abandoned")]
+    Abandoned,
 }
 
 impl CacheError {
-    fn io(e: std::io::Error) -> CacheError {
-        CacheError::Storage(Arc::new(StorageError::Io(e)))
-    }
-
     fn is_gone(&self) -> bool {
         matches!(self, CacheError::Upstream(UpstreamError::NotFound))
     }

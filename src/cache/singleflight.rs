@@ -3,11 +3,14 @@
 //!
 //! The work runs to completion even if every waiter goes away, so a client that hangs
 //! up never leaves half-done state behind and the next caller finds the result stored.
+//! A key is released however its work ends — with a result, a panic, or a cancelled
+//! task (runtime shutdown) — so the next caller always becomes a new leader; waiters of
+//! work that died without a result get `None`.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
@@ -42,10 +45,7 @@ where
         W: FnOnce() -> F,
         F: Future<Output = V> + Send + 'static,
     {
-        let mut running = match self.running.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut running = self.lock();
         if let Some(rx) = running.get(&key) {
             return Waiter {
                 rx: rx.clone(),
@@ -55,23 +55,60 @@ where
         let (tx, rx) = watch::channel(None);
         running.insert(key.clone(), rx.clone());
         drop(running);
-        let this = Arc::clone(self);
+        // Armed before `work()` runs, so even a panic while building the work releases
+        // the key.
+        let leader = Leader {
+            flights: Arc::clone(self),
+            key,
+            rx: rx.clone(),
+            tx,
+        };
         let fut = work();
         tokio::spawn(async move {
             let value = fut.await;
-            // Publish before leaving the map: a caller arriving in between gets this
-            // result instead of starting the work again.
-            let _ = tx.send(Some(value));
-            if let Ok(mut running) = this.running.lock() {
-                running.remove(&key);
-            }
+            // Publish before leaving the map (when `leader` drops): a caller arriving in
+            // between gets this result instead of starting the work again.
+            let _ = leader.tx.send(Some(value));
         });
         Waiter { rx, joined: false }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, watch::Receiver<Option<V>>>> {
+        // Nothing panics while holding the map; were it poisoned anyway, refusing every
+        // later caller would be worse than using it.
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The leader's hold on its key, released on drop whether the work finished, panicked
+/// or was cancelled.
+struct Leader<K: Hash + Eq, V> {
+    flights: Arc<Singleflight<K, V>>,
+    key: K,
+    /// Identifies this run's entry, so a newer run under the same key is left alone.
+    rx: watch::Receiver<Option<V>>,
+    tx: watch::Sender<Option<V>>,
+}
+
+impl<K: Hash + Eq, V> Drop for Leader<K, V> {
+    fn drop(&mut self) {
+        let mut running = self
+            .flights
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if running
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.rx))
+        {
+            running.remove(&self.key);
+        }
+        // `tx` drops after this: waiters of unpublished work wake up and get `None`.
     }
 }
 
 impl<V: Clone> Waiter<V> {
-    /// The result, or `None` if the work panicked.
+    /// The result, or `None` if the work died without one (panicked or cancelled).
     pub async fn wait(mut self) -> Option<V> {
         match self.rx.wait_for(Option::is_some).await {
             Ok(v) => v.clone(),
@@ -124,5 +161,53 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    /// Regression: a leader whose work panicked left its key in the map, and every later
+    /// caller joined the dead run and got an internal error until restart.
+    #[tokio::test]
+    async fn a_panicking_leader_does_not_wedge_its_key() {
+        let flights: Arc<Singleflight<&str, u32>> = Arc::default();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let doomed = flights.join("k", move || async move {
+            let _ = wait.await;
+            panic!("work failed");
+        });
+        let follower = flights.join("k", || async { unreachable!("joins the running work") });
+        assert!(follower.joined);
+        let _ = go.send(());
+        assert_eq!(doomed.wait().await, None);
+        assert_eq!(follower.wait().await, None);
+        let next = flights.join("k", || async { 9 });
+        assert!(!next.joined, "the next caller leads a new run");
+        assert_eq!(next.wait().await, Some(9));
+    }
+
+    /// Regression: a leader whose task was cancelled (its runtime shut down mid-work)
+    /// left its key in the map, so the work was never tried again.
+    #[test]
+    fn a_cancelled_leader_does_not_wedge_its_key() {
+        let flights: Arc<Singleflight<&str, u32>> = Arc::default();
+        let doomed_rt = runtime();
+        let follower = doomed_rt.block_on(async {
+            let leader = flights.join("k", std::future::pending::<u32>);
+            assert!(!leader.joined);
+            flights.join("k", || async { unreachable!("joins the running work") })
+        });
+        // Dropping the runtime cancels the leader's task mid-work.
+        drop(doomed_rt);
+        runtime().block_on(async {
+            assert_eq!(follower.wait().await, None);
+            let next = flights.join("k", || async { 3 });
+            assert!(!next.joined, "the next caller leads a new run");
+            assert_eq!(next.wait().await, Some(3));
+        });
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
     }
 }

@@ -6,14 +6,25 @@
 //! a crash at any point leaves either nothing or a whole, verified blob; metadata never
 //! names a missing file. All redb work runs on the blocking pool, never on the executor.
 //! This module knows nothing of HTTP.
+//!
+//! Inside: `files` (the on-disk layout, the atomic rename), `writer` (the one blob
+//! writer, and readers of a blob still being written), `uploads` (upload sessions),
+//! `fetched` (manifests and blob links from upstreams), `upstream_tags` (tag answer
+//! freshness), `eviction` (access times, LRU eviction), `maintenance` (gc, fsck),
+//! `schema` (every table and value encoding), `keys` and `central` (auth records).
 
-mod cached;
 mod central;
+mod eviction;
+mod fetched;
 mod files;
 mod keys;
 mod maintenance;
 mod schema;
+#[cfg(test)]
+mod tests;
 mod uploads;
+mod upstream_tags;
+mod writer;
 
 use std::collections::HashMap;
 use std::io;
@@ -29,11 +40,14 @@ use crate::oci::{Digest, Hasher, Reference, RepoName, Tag};
 use files::BlobFiles;
 use schema::*;
 
-pub use cached::{AcceptClass, EvictReport, FetchedManifest, TagFreshness};
+pub use eviction::EvictReport;
+pub use fetched::FetchedManifest;
 pub use files::FileRange;
 pub use maintenance::{FsckReport, GcReport};
 pub use schema::{CentralDecisionRecord, CentralUserRecord, KeyRecord, LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
+pub use upstream_tags::{AcceptClass, TagFreshness};
+pub use writer::{BlobWriter, GrowingBlob, StreamError, VerifiedBlob, WriteError};
 
 /// A failure of the store itself (disk, database); always the server's fault.
 #[derive(Debug, thiserror::Error)]

@@ -1,21 +1,22 @@
 //! Blob upload sessions (chunked and monolithic) and their commit into the blob store.
 //!
-//! An upload's bytes go to `uploads/<id>`; its record (repository, start time) lives in
-//! redb so sessions survive a restart. A chunk that fails midway is cut back off the
-//! file, so the offset a client is told always covers whole, acknowledged chunks.
+//! An upload's bytes go to `uploads/<id>` through the store's one blob writer; its record
+//! (repository, start time) lives in redb so sessions survive a restart. A chunk that
+//! fails midway is cut back off the file, so the offset a client is told always covers
+//! whole, acknowledged chunks. The running hash is kept between chunks in memory; after
+//! a restart the writer re-hashes what the file holds.
 
 use std::collections::HashSet;
 use std::io;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use redb::ReadableDatabase;
-use tokio::io::AsyncWriteExt;
 
-use super::files::{hash_file, random_id};
+use super::files::random_id;
 use super::schema::{LinkOrigin, UPLOADS, UploadRecord};
+use super::writer::{BlobWriter, StreamError, WriteError};
 use super::{Inner, StorageError, Store, now_secs};
 use crate::oci::{Algorithm, Digest, Hasher, RepoName};
 
@@ -56,42 +57,24 @@ impl Drop for BusyGuard {
     }
 }
 
-/// Appends `body` to `file` while hashing; on any failure cuts the file back to `start`.
-async fn append_stream<S>(
-    path: &Path,
-    start: u64,
-    hasher: &mut Option<Hasher>,
-    body: S,
-) -> Result<u64, UploadError>
-where
-    S: Stream<Item = Result<Bytes, io::Error>> + Send + Unpin,
-{
-    let mut file = tokio::fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .await?;
-    let saved = hasher.clone();
-    let mut written = 0u64;
-    let result = async {
-        let mut body = body;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(UploadError::Body)?;
-            if let Some(h) = hasher.as_mut() {
-                h.update(&chunk);
-            }
-            file.write_all(&chunk).await?;
-            written += chunk.len() as u64;
+impl From<WriteError> for UploadError {
+    fn from(e: WriteError) -> UploadError {
+        match e {
+            WriteError::DigestMismatch { .. } => UploadError::DigestMismatch,
+            WriteError::Storage(e) => UploadError::Storage(e),
         }
-        file.flush().await?;
-        Ok::<(), UploadError>(())
     }
-    .await;
-    if let Err(e) = result {
-        *hasher = saved;
-        file.set_len(start).await?;
-        return Err(e);
+}
+
+impl From<StreamError<io::Error>> for UploadError {
+    fn from(e: StreamError<io::Error>) -> UploadError {
+        match e {
+            StreamError::Body(e) => UploadError::Body(e),
+            StreamError::Write(e) => e.into(),
+            // No limit is given for uploads, so this cannot happen; refuse the chunk.
+            StreamError::TooLong => UploadError::Body(io::Error::other("body too long")),
+        }
     }
-    Ok(start + written)
 }
 
 impl Store {
@@ -153,15 +136,15 @@ impl Store {
     }
 
     /// Checks that `start` (if given) is the current offset of upload `id` of `repo` and
-    /// appends `body`. Returns the new offset with the running hash covering it; on
-    /// failure the hash state is kept for the unchanged offset. The caller holds the claim.
+    /// appends `body`, returning the writer still open after it. On failure the file is
+    /// cut back to the old offset and its hash state kept. The caller holds the claim.
     async fn append_checked<S>(
         &self,
         repo: &RepoName,
         id: &str,
         start: Option<u64>,
         body: S,
-    ) -> Result<(u64, Option<Hasher>), UploadError>
+    ) -> Result<BlobWriter, UploadError>
     where
         S: Stream<Item = Result<Bytes, io::Error>> + Send + Unpin,
     {
@@ -172,13 +155,14 @@ impl Store {
         if start.is_some_and(|s| s != offset) {
             return Err(UploadError::OutOfOrder { offset });
         }
-        let path = self.inner.files.upload_path(id);
-        let mut hasher = self.take_hasher(id, offset);
-        match append_stream(&path, offset, &mut hasher, body).await {
-            Ok(new_offset) => Ok((new_offset, hasher)),
+        let hasher = self.take_hasher(id, offset);
+        let mut writer = self.upload_writer(id, offset, hasher).await?;
+        match writer.write_stream(body, None).await {
+            Ok(_) => Ok(writer),
             Err(e) => {
-                self.keep_hasher(id, hasher, offset);
-                Err(e)
+                let saved = writer.cut_back().await?;
+                self.keep_hasher(id, saved, offset);
+                Err(e.into())
             }
         }
     }
@@ -196,9 +180,19 @@ impl Store {
         S: Stream<Item = Result<Bytes, io::Error>> + Send + Unpin,
     {
         let _busy = self.claim(id)?;
-        let (offset, hasher) = self.append_checked(repo, id, start, body).await?;
-        self.keep_hasher(id, hasher, offset);
-        Ok(offset)
+        let mut writer = self.append_checked(repo, id, start, body).await?;
+        match writer.pause().await {
+            Ok((offset, hasher)) => {
+                self.keep_hasher(id, Some(hasher), offset);
+                Ok(offset)
+            }
+            Err(e) => {
+                let offset = writer.start();
+                let saved = writer.cut_back().await?;
+                self.keep_hasher(id, saved, offset);
+                Err(e.into())
+            }
+        }
     }
 
     /// Completes an upload with an optional final chunk, verifies `digest`, commits the
@@ -215,29 +209,16 @@ impl Store {
         S: Stream<Item = Result<Bytes, io::Error>> + Send + Unpin,
     {
         let _busy = self.claim(id)?;
-        let (size, hasher) = self.append_checked(repo, id, start, body).await?;
-        let path = self.inner.files.upload_path(id);
-        let actual = match hasher {
-            Some(h) if digest.algorithm() == Algorithm::Sha256 => h.finish(),
-            _ => {
-                let (p, algo) = (path.clone(), digest.algorithm());
-                tokio::task::spawn_blocking(move || hash_file(&p, algo).map(|(d, _)| d))
-                    .await
-                    .map_err(|_| StorageError::Task)??
+        let writer = self.append_checked(repo, id, start, body).await?;
+        let verified = match writer.verify(digest).await {
+            Ok(v) => v,
+            Err(WriteError::DigestMismatch { .. }) => {
+                self.discard_upload(id).await?;
+                return Err(UploadError::DigestMismatch);
             }
+            Err(e) => return Err(e.into()),
         };
-        if &actual != digest {
-            self.discard_upload(id).await?;
-            return Err(UploadError::DigestMismatch);
-        }
-        let (repo, id, digest) = (repo.clone(), id.to_owned(), digest.clone());
-        self.blocking(move |i| {
-            let _guard = i.commit_lock.read().map_err(|_| StorageError::Task)?;
-            i.files.commit(&path, &digest)?;
-            i.link(&repo, &digest, Some(size), LinkOrigin::Upload, Some(&id))
-        })
-        .await?;
-        Ok(size)
+        Ok(verified.commit(repo, LinkOrigin::Upload).await?)
     }
 
     /// Stores a whole blob sent in one request (`POST ?digest=`, or a mirror download).
@@ -251,28 +232,11 @@ impl Store {
     where
         S: Stream<Item = Result<Bytes, io::Error>> + Send + Unpin,
     {
-        let path = self.inner.files.temp_path();
-        tokio::fs::File::create(&path).await?;
-        let mut hasher = Some(Hasher::new(digest.algorithm()));
-        let size = match append_stream(&path, 0, &mut hasher, body).await {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&path).await;
-                return Err(e);
-            }
-        };
-        if hasher.map(Hasher::finish).as_ref() != Some(digest) {
-            let _ = tokio::fs::remove_file(&path).await;
-            return Err(UploadError::DigestMismatch);
-        }
-        let (repo, digest) = (repo.clone(), digest.clone());
-        self.blocking(move |i| {
-            let _guard = i.commit_lock.read().map_err(|_| StorageError::Task)?;
-            i.files.commit(&path, &digest)?;
-            i.link(&repo, &digest, Some(size), origin, None)
-        })
-        .await?;
-        Ok(size)
+        // Dropped on any failure, the writer removes its temp file.
+        let mut writer = self.blob_writer(digest.algorithm()).await?;
+        writer.write_stream(body, None).await?;
+        let verified = writer.verify(digest).await?;
+        Ok(verified.commit(repo, origin).await?)
     }
 
     /// Cancels an upload of `repo`. Returns whether it existed.

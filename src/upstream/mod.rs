@@ -17,7 +17,7 @@ mod user;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod testserver;
+pub(crate) mod testserver;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};

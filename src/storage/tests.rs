@@ -1,0 +1,425 @@
+//! In-process tests of the store on temp directories: the blob writer and crash
+//! safety, gc, fsck, and eviction order.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redb::ReadableTable;
+
+use super::schema::*;
+use super::*;
+use crate::oci::{Algorithm, RepoName};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(dir.path(), 1 << 20).expect("open store")
+}
+
+fn repo(name: &str) -> RepoName {
+    name.parse().expect("repository name")
+}
+
+fn body(bytes: &[u8]) -> impl futures_util::Stream<Item = Result<Bytes, io::Error>> + Unpin {
+    futures_util::stream::iter(vec![Ok(Bytes::copy_from_slice(bytes))])
+}
+
+/// Pushes `content` into `repo` as a hosted blob.
+async fn push(store: &Store, repo: &RepoName, content: &[u8]) -> Digest {
+    let digest = Digest::sha256_of(content);
+    store
+        .put_blob(repo, &digest, LinkOrigin::Upload, body(content))
+        .await
+        .expect("put blob");
+    digest
+}
+
+/// Stores `content` for `repo` as if downloaded from its upstream.
+async fn fetch(store: &Store, repo: &RepoName, content: &[u8]) -> Digest {
+    let digest = Digest::sha256_of(content);
+    let mut writer = store.blob_writer(digest.algorithm()).await.expect("writer");
+    writer
+        .write(vec![Bytes::copy_from_slice(content)])
+        .await
+        .expect("write");
+    let verified = writer.verify(&digest).await.expect("verify");
+    verified
+        .commit(repo, LinkOrigin::Upstream)
+        .await
+        .expect("commit");
+    digest
+}
+
+/// Moves the creation time of blob `digest` and of its links `by` into the past.
+fn backdate_blob(store: &Store, digest: &Digest, by: Duration) {
+    let txn = store.inner.db.begin_write().expect("txn");
+    {
+        let mut blobs = txn.open_table(BLOBS).expect("blobs");
+        let mut rec = BlobRecord::decode(
+            blobs
+                .get(digest.as_str())
+                .expect("get")
+                .expect("record")
+                .value(),
+        )
+        .expect("decode");
+        rec.created -= by.as_secs();
+        blobs
+            .insert(digest.as_str(), rec.encode().as_slice())
+            .expect("insert");
+        let mut links = txn.open_table(REPO_BLOBS).expect("links");
+        let mut old = Vec::new();
+        for entry in links.iter().expect("iter") {
+            let (k, v) = entry.expect("entry");
+            let (r, d) = k.value();
+            if d == digest.as_str() {
+                old.push((r.to_owned(), LinkRecord::decode(v.value()).expect("link")));
+            }
+        }
+        for (r, mut link) in old {
+            link.linked_at -= by.as_secs();
+            links
+                .insert((r.as_str(), digest.as_str()), link.encode().as_slice())
+                .expect("insert");
+        }
+    }
+    txn.commit().expect("commit");
+}
+
+/// Moves the start of upload `id` `by` into the past.
+fn backdate_upload(store: &Store, id: &str, by: Duration) {
+    let txn = store.inner.db.begin_write().expect("txn");
+    {
+        let mut uploads = txn.open_table(UPLOADS).expect("uploads");
+        let (started, r) = {
+            let v = uploads.get(id).expect("get").expect("record");
+            let rec = UploadRecord::decode(v.value()).expect("decode");
+            (rec.started, rec.repo.to_owned())
+        };
+        let rec = UploadRecord::encode(started - by.as_secs(), &r);
+        uploads.insert(id, rec.as_slice()).expect("insert");
+    }
+    txn.commit().expect("commit");
+}
+
+fn tmp_files(dir: &tempfile::TempDir) -> usize {
+    std::fs::read_dir(dir.path().join("tmp"))
+        .expect("tmp dir")
+        .count()
+}
+
+// ---- the blob writer ----
+
+#[tokio::test]
+async fn a_digest_mismatch_stores_nothing_and_leaves_no_temp_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("team/app");
+    let claimed = Digest::sha256_of(b"what was promised");
+    let err = store
+        .put_blob(&r, &claimed, LinkOrigin::Upload, body(b"what came"))
+        .await
+        .expect_err("mismatch");
+    assert!(matches!(err, UploadError::DigestMismatch));
+    assert!(store.open_blob(&r, &claimed).await.expect("open").is_none());
+    assert_eq!(tmp_files(&dir), 0);
+}
+
+#[tokio::test]
+async fn an_abandoned_writer_removes_its_temp_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let mut writer = store.blob_writer(Algorithm::Sha256).await.expect("writer");
+    writer
+        .write(vec![Bytes::from_static(b"partial")])
+        .await
+        .expect("write");
+    assert_eq!(tmp_files(&dir), 1);
+    drop(writer);
+    assert_eq!(tmp_files(&dir), 0);
+}
+
+#[tokio::test]
+async fn a_growing_blob_reads_the_part_file_then_the_committed_blob() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let content = b"layer bytes".to_vec();
+    let digest = Digest::sha256_of(&content);
+    let mut writer = store.blob_writer(digest.algorithm()).await.expect("writer");
+    let mut growing = writer.growing(&digest);
+    assert_eq!(growing.written(), 0);
+    writer
+        .write(vec![Bytes::from(content.clone())])
+        .await
+        .expect("write");
+    assert!(growing.changed().await);
+    assert_eq!(growing.written(), content.len() as u64);
+    let verified = writer.verify(&digest).await.expect("verify");
+    assert!(!growing.changed().await, "the writer has stopped");
+    verified
+        .commit(&repo("docker.io/library/app"), LinkOrigin::Upstream)
+        .await
+        .expect("commit");
+    // The part file is gone: the handle opens the committed blob.
+    let read = std::fs::read(
+        dir.path()
+            .join("blobs/sha256")
+            .join(&digest.hex()[..2])
+            .join(digest.hex()),
+    )
+    .expect("committed file");
+    assert_eq!(read, content);
+    let mut file = growing.open().await.expect("open");
+    let mut back = Vec::new();
+    io::Read::read_to_end(&mut file, &mut back).expect("read");
+    assert_eq!(back, content);
+}
+
+/// An upload continued after a restart (its running hash lost) is re-hashed from what
+/// the file holds and completes.
+#[tokio::test]
+async fn an_upload_resumes_after_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let r = repo("team/app");
+    let content = b"first half, second half".to_vec();
+    let digest = Digest::sha256_of(&content);
+    let id = {
+        let store = open(&dir);
+        let id = store.start_upload(&r).await.expect("start");
+        let offset = store
+            .append_upload(&r, &id, Some(0), body(&content[..11]))
+            .await
+            .expect("append");
+        assert_eq!(offset, 11);
+        id
+    };
+    let store = open(&dir);
+    assert_eq!(
+        store.upload_offset(&r, &id).await.expect("offset"),
+        Some(11)
+    );
+    let size = store
+        .finish_upload(&r, &id, Some(11), &digest, body(&content[11..]))
+        .await
+        .expect("finish");
+    assert_eq!(size, content.len() as u64);
+    let handle = store
+        .open_blob(&r, &digest)
+        .await
+        .expect("open")
+        .expect("stored");
+    assert_eq!(handle.size, content.len() as u64);
+    assert_eq!(store.upload_offset(&r, &id).await.expect("offset"), None);
+}
+
+/// A crash after the bytes were written but before the commit (the rename, or the
+/// metadata after it) leaves nothing visible, and start-up sweeps the temp file.
+#[tokio::test]
+async fn a_crash_before_commit_leaves_no_visible_blob() {
+    let dir = tempfile::tempdir().expect("dir");
+    let r = repo("team/app");
+    let content = b"whole and verified, never committed";
+    let digest = Digest::sha256_of(content);
+    let renamed = Digest::sha256_of(b"renamed, never linked");
+    {
+        let store = open(&dir);
+        // Before the rename: a complete temp file.
+        std::fs::write(store.inner.files.temp_path(), content).expect("temp file");
+        // After the rename, before redb: a blob file no record names.
+        let temp = store.inner.files.temp_path();
+        std::fs::write(&temp, b"renamed, never linked").expect("temp file");
+        store.inner.files.commit(&temp, &renamed).expect("rename");
+    }
+    assert_eq!(tmp_files(&dir), 1);
+    let store = open(&dir);
+    assert_eq!(tmp_files(&dir), 0, "start-up sweeps temp files");
+    for d in [&digest, &renamed] {
+        assert!(store.open_blob(&r, d).await.expect("open").is_none());
+        assert_eq!(store.stored_blob_size(d).await.expect("size"), None);
+    }
+    let report = store.fsck(false).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.orphans, vec![renamed.to_string()]);
+    let gc = store.gc(Duration::ZERO, HOUR).expect("gc");
+    assert_eq!(gc.stray_files_removed, 1);
+    assert!(store.fsck(false).expect("fsck").orphans.is_empty());
+}
+
+// ---- gc ----
+
+#[tokio::test]
+async fn gc_removes_an_unreferenced_blob_and_keeps_one_within_grace() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("team/app");
+    let old = push(&store, &r, b"pushed long ago, never referenced").await;
+    let young = push(&store, &r, b"pushed just now for a manifest to come").await;
+    backdate_blob(&store, &old, 2 * HOUR);
+    let report = store.gc(HOUR, 24 * HOUR).expect("gc");
+    assert_eq!(report.blobs_removed, 1);
+    assert_eq!(report.links_removed, 1);
+    assert!(store.open_blob(&r, &old).await.expect("open").is_none());
+    assert_eq!(store.stored_blob_size(&old).await.expect("size"), None);
+    assert!(store.open_blob(&r, &young).await.expect("open").is_some());
+    let fsck = store.fsck(false).expect("fsck");
+    assert!(
+        fsck.problems.is_empty() && fsck.orphans.is_empty(),
+        "{fsck:?}"
+    );
+}
+
+#[tokio::test]
+async fn gc_collects_abandoned_uploads_past_the_upload_timeout() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("team/app");
+    let abandoned = store.start_upload(&r).await.expect("start");
+    store
+        .append_upload(&r, &abandoned, None, body(b"half a layer"))
+        .await
+        .expect("append");
+    let active = store.start_upload(&r).await.expect("start");
+    backdate_upload(&store, &abandoned, 2 * HOUR);
+    let report = store.gc(HOUR, HOUR).expect("gc");
+    assert_eq!(report.uploads_removed, 1);
+    assert_eq!(
+        store.upload_offset(&r, &abandoned).await.expect("offset"),
+        None
+    );
+    assert!(!dir.path().join("uploads").join(&abandoned).exists());
+    assert_eq!(
+        store.upload_offset(&r, &active).await.expect("offset"),
+        Some(0)
+    );
+}
+
+// ---- fsck ----
+
+#[tokio::test]
+async fn fsck_finds_a_corrupted_blob_and_repair_removes_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("team/app");
+    let digest = push(&store, &r, b"the original bytes").await;
+    let good = push(&store, &r, b"an untouched blob").await;
+    std::fs::write(store.inner.files.blob_path(&digest), b"bit rot").expect("corrupt");
+    let report = store.fsck(false).expect("fsck");
+    assert_eq!(report.blobs_checked, 2);
+    assert!(
+        report.problems.iter().any(|p| p.contains(digest.as_str())),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(report.repaired, 0);
+    let repaired = store.fsck(true).expect("fsck --repair");
+    assert_eq!(repaired.repaired, 2, "the blob record and its link");
+    assert!(store.open_blob(&r, &digest).await.expect("open").is_none());
+    assert!(!store.inner.files.blob_path(&digest).exists());
+    assert!(store.open_blob(&r, &good).await.expect("open").is_some());
+    let after = store.fsck(false).expect("fsck");
+    assert!(after.problems.is_empty(), "{:?}", after.problems);
+}
+
+#[tokio::test]
+async fn fsck_finds_metadata_naming_a_missing_blob_and_repair_drops_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("team/app");
+    let digest = push(&store, &r, b"a file that will vanish").await;
+    std::fs::remove_file(store.inner.files.blob_path(&digest)).expect("remove");
+    let report = store.fsck(false).expect("fsck");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains(digest.as_str()) && p.contains("unreadable")),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.starts_with("team/app: links blob")),
+        "{:?}",
+        report.problems
+    );
+    store.fsck(true).expect("fsck --repair");
+    assert_eq!(store.stored_blob_size(&digest).await.expect("size"), None);
+    assert!(store.open_blob(&r, &digest).await.expect("open").is_none());
+    let after = store.fsck(false).expect("fsck");
+    assert!(after.problems.is_empty(), "{:?}", after.problems);
+}
+
+// ---- eviction ----
+
+/// Eviction goes by last use, not by age: the older blob, used since, stays.
+#[tokio::test]
+async fn eviction_removes_the_least_recently_used_blob_first() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("docker.io/library/app");
+    let a = fetch(&store, &r, &[b'a'; 1000]).await;
+    // A is also much older, so evicting the oldest first would take it.
+    backdate_blob(&store, &a, HOUR);
+    // Access times have millisecond resolution.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let b = fetch(&store, &r, &[b'b'; 1000]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(store.open_blob(&r, &a).await.expect("open").is_some());
+    let report = store.evict(1000).await.expect("evict");
+    assert_eq!(report.stored_bytes, 2000);
+    assert_eq!(report.evicted_blobs, 1);
+    assert!(
+        store.open_blob(&r, &a).await.expect("open").is_some(),
+        "A was used last"
+    );
+    assert!(
+        store.open_blob(&r, &b).await.expect("open").is_none(),
+        "B goes"
+    );
+    assert!(!store.inner.files.blob_path(&b).exists());
+}
+
+#[tokio::test]
+async fn eviction_never_removes_hosted_blobs() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let hosted_repo = repo("team/app");
+    let upstream_repo = repo("docker.io/library/app");
+    let hosted = push(&store, &hosted_repo, &[b'h'; 1000]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let fetched = fetch(&store, &upstream_repo, &[b'u'; 1000]).await;
+    // Also pinned: an upstream blob that was pushed into a hosted repository too.
+    let shared = fetch(&store, &upstream_repo, &[b's'; 1000]).await;
+    assert!(
+        store
+            .mount_blob(&upstream_repo, &hosted_repo, &shared)
+            .await
+            .expect("mount")
+    );
+    let report = store.evict(0).await.expect("evict");
+    assert_eq!(report.evicted_blobs, 1);
+    assert!(
+        store
+            .open_blob(&hosted_repo, &hosted)
+            .await
+            .expect("open")
+            .is_some()
+    );
+    assert!(
+        store
+            .open_blob(&upstream_repo, &fetched)
+            .await
+            .expect("open")
+            .is_none()
+    );
+    assert!(
+        store
+            .open_blob(&upstream_repo, &shared)
+            .await
+            .expect("open")
+            .is_some()
+    );
+}
