@@ -23,6 +23,7 @@ use crate::keyring;
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::systemd::Notifier;
+use crate::upstream::Upstreams;
 
 /// How often access times are flushed and the size budget checked, at the latest.
 const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -75,27 +76,23 @@ fn token_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
 /// upstream's client (and so its circuit breaker) with the pull-through cache.
 fn central_auth(
     config: &Config,
-    cache: &PullThrough,
+    upstreams: &Upstreams,
     store: &Store,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Option<Arc<CentralAuth>>> {
     let Some(name) = &config.auth.central else {
         return Ok(None);
     };
-    let index = config
-        .upstreams
-        .iter()
-        .position(|u| &u.name == name)
+    let central = upstreams
+        .by_name(name)
         .with_context(|| format!("auth.central: no upstream is named {name:?}"))?;
-    let client = cache
-        .client(index)
-        .with_context(|| format!("auth.central: no client for upstream {name:?}"))?;
     let rules = CentralRules {
         ttl: config.auth.central_ttl,
         negative_ttl: DEFAULT_NEGATIVE_TTL,
         offline_grace: config.auth.offline_grace,
     };
-    let central = CentralAuth::new(client, index, store.clone(), rules, metrics.clone())
+    let client = central.client().clone();
+    let central = CentralAuth::new(client, central.id(), store.clone(), rules, metrics.clone())
         .map_err(|e| anyhow::anyhow!("no entropy for central login records: {e}"))?;
     Ok(Some(Arc::new(central)))
 }
@@ -177,11 +174,13 @@ impl Daemon {
             DEFAULT_CAPACITY,
         );
         let metrics = Arc::new(Metrics::new());
-        let cache = Arc::new(
-            PullThrough::new(&config, store.clone(), metrics.clone())
-                .context("setting up upstream clients")?,
-        );
-        let central = central_auth(&config, &cache, &store, &metrics)?;
+        let upstreams = Upstreams::new(&config).context("setting up upstream clients")?;
+        let cache = Arc::new(PullThrough::new(
+            store.clone(),
+            upstreams.clone(),
+            metrics.clone(),
+        ));
+        let central = central_auth(&config, &upstreams, &store, &metrics)?;
         let shutdown = CancellationToken::new();
         let maintenance = tokio::spawn({
             let (cache, shutdown) = (cache.clone(), shutdown.clone());

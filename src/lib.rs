@@ -8,8 +8,9 @@
 //! - [`central`]: cached central-registry logins: online checks, durable answers, grace.
 //! - [`keyring`]: the durable side of API keys: revocations from the CLI and the
 //!   revocation file (re-read when it changes), known keys and their last use, `key list`.
-//! - [`upstream`]: clients for upstream registries (token flow, redirects, timeouts,
-//!   circuit breaker).
+//! - [`upstream`]: the registry of configured upstreams (lookup by name, alias or host;
+//!   where a requested repository lives) and their clients (token flow, redirects,
+//!   timeouts, circuit breaker).
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
 //! - [`admin`]: the local admin socket through which CLI commands reach a running daemon.
 //! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
@@ -33,7 +34,6 @@ pub mod config;
 pub mod http;
 pub mod keyring;
 pub mod metrics;
-pub mod namespace;
 pub mod oci;
 pub mod storage;
 pub mod systemd;

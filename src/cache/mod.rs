@@ -23,14 +23,15 @@ mod singleflight;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, Manifest, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::storage::{
     AcceptClass, BlobHandle, FetchedManifest, StorageError, Store, StoredManifest, now_secs,
 };
-use crate::upstream::{BreakerState, Upstream, UpstreamDocument, UpstreamError};
+use crate::upstream::{
+    BreakerState, Upstream, UpstreamDocument, UpstreamError, UpstreamHandle, Upstreams,
+};
 pub use flight::Follower;
 use flight::{Fetch, Flights};
 use fresh::FreshTags;
@@ -100,18 +101,11 @@ pub enum BlobAnswer {
 
 /// An upstream repository a request is for.
 pub struct Target<'a> {
-    /// Index into the configured upstreams.
-    pub index: usize,
+    pub upstream: &'a UpstreamHandle,
     /// The name at the upstream (`library/alpine`).
     pub remote: &'a RepoName,
     /// The local, canonical name (`docker.io/library/alpine`).
     pub canonical: &'a RepoName,
-}
-
-struct Remote {
-    client: Upstream,
-    tag_ttl: Duration,
-    revalidate_wait: Duration,
 }
 
 type TagKey = (String, String, AcceptClass);
@@ -120,7 +114,7 @@ type ManifestResult = Result<StoredManifest, CacheError>;
 /// The pull-through cache over every configured upstream.
 pub struct PullThrough {
     store: Store,
-    remotes: Vec<Remote>,
+    upstreams: Upstreams,
     tags: Arc<Singleflight<TagKey, ManifestResult>>,
     fresh: FreshTags,
     manifests: Arc<Singleflight<(String, String), ManifestResult>>,
@@ -174,56 +168,32 @@ struct FetchCtx {
 }
 
 impl PullThrough {
-    /// Builds a client for every configured upstream.
-    pub fn new(
-        config: &Config,
-        store: Store,
-        metrics: Arc<Metrics>,
-    ) -> Result<PullThrough, UpstreamError> {
-        let remotes = config
-            .upstreams
-            .iter()
-            .map(|u| {
-                Ok(Remote {
-                    client: Upstream::new(u)?,
-                    tag_ttl: u.tag_ttl,
-                    revalidate_wait: u.revalidate_wait,
-                })
-            })
-            .collect::<Result<Vec<_>, UpstreamError>>()?;
-        Ok(PullThrough {
+    /// The pull-through cache over `upstreams`, storing into `store`.
+    pub fn new(store: Store, upstreams: Upstreams, metrics: Arc<Metrics>) -> PullThrough {
+        PullThrough {
             store,
-            remotes,
+            upstreams,
             tags: Arc::default(),
             fresh: FreshTags::default(),
             manifests: Arc::default(),
             blobs: Arc::default(),
             committed: Arc::default(),
             metrics,
-        })
+        }
     }
 
-    /// The name of upstream `index`, for labels and logs.
-    pub fn upstream_name(&self, index: usize) -> &str {
-        self.remotes.get(index).map_or("-", |r| r.client.name())
+    /// The upstreams this pull-through serves (where requested repositories resolve).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
     }
 
-    /// The client of upstream `index` (shared, so that its circuit breaker is too).
-    pub fn client(&self, index: usize) -> Option<Upstream> {
-        self.remotes.get(index).map(|r| r.client.clone())
-    }
-
-    fn ctx(&self, t: &Target<'_>) -> Result<(FetchCtx, &Remote), CacheError> {
-        let remote = self.remotes.get(t.index).ok_or(CacheError::Internal)?;
-        Ok((
-            FetchCtx {
-                store: self.store.clone(),
-                client: remote.client.clone(),
-                remote: t.remote.clone(),
-                canonical: t.canonical.clone(),
-            },
-            remote,
-        ))
+    fn ctx(&self, t: &Target<'_>) -> FetchCtx {
+        FetchCtx {
+            store: self.store.clone(),
+            client: t.upstream.client().clone(),
+            remote: t.remote.clone(),
+            canonical: t.canonical.clone(),
+        }
     }
 
     /// The manifest `reference` names in the target repository.
@@ -252,7 +222,7 @@ impl PullThrough {
                 coalesced: false,
             });
         }
-        let (ctx, _) = self.ctx(t)?;
+        let ctx = self.ctx(t);
         let key = (t.canonical.to_string(), digest.to_string());
         let waiter = self.manifests.join(key, move || async move {
             fetch_manifest(&ctx, &reference, ACCEPT_ANY, None).await
@@ -273,9 +243,9 @@ impl PullThrough {
         accept: Option<&str>,
     ) -> Result<ManifestAnswer, CacheError> {
         let (class, upstream_accept) = accept_class(accept);
-        let (ctx, remote) = self.ctx(t)?;
+        let ctx = self.ctx(t);
         let key = (t.canonical.to_string(), tag.to_string(), class);
-        let ttl = remote.tag_ttl.as_secs();
+        let ttl = t.upstream.tag_ttl().as_secs();
         if let Some(manifest) = self.fresh.get(&key, ttl, now_secs()) {
             return Ok(ManifestAnswer {
                 manifest,
@@ -317,7 +287,7 @@ impl PullThrough {
                 coalesced,
             });
         };
-        let outcome = tokio::time::timeout(remote.revalidate_wait, waiter.wait()).await;
+        let outcome = tokio::time::timeout(t.upstream.revalidate_wait(), waiter.wait()).await;
         match outcome {
             Ok(Some(Ok(manifest))) => {
                 self.fresh.put(key, manifest.clone(), now_secs());
@@ -333,7 +303,7 @@ impl PullThrough {
             }
             Ok(Some(Err(e))) => {
                 tracing::info!(
-                    upstream = remote.client.name(),
+                    upstream = t.upstream.name(),
                     repo = %t.canonical,
                     error = %e,
                     "serving stale tag"
@@ -346,7 +316,7 @@ impl PullThrough {
             }
             Ok(None) | Err(_) => {
                 tracing::info!(
-                    upstream = remote.client.name(),
+                    upstream = t.upstream.name(),
                     repo = %t.canonical,
                     "tag revalidation is slow; serving stale tag"
                 );
@@ -370,7 +340,7 @@ impl PullThrough {
         if let Some(handle) = self.store.open_blob(t.canonical, digest).await? {
             return Ok(BlobAnswer::Stored(handle));
         }
-        let (ctx, _) = self.ctx(t)?;
+        let ctx = self.ctx(t);
         self.blobs.settle(digest).await;
         if self.store.stored_blob_size(digest).await?.is_some() {
             // Stored for another repository: serve it here only once the upstream
@@ -402,11 +372,11 @@ impl PullThrough {
 
     /// Sets the per-upstream health gauges (called when metrics are scraped).
     pub fn export_health(&self, metrics: &Metrics) {
-        for r in &self.remotes {
+        for u in self.upstreams.iter() {
             let label = UpstreamLabels {
-                upstream: r.client.name().to_owned(),
+                upstream: u.name().to_owned(),
             };
-            let health = r.client.health();
+            let health = u.client().health();
             let up = i64::from(health.breaker == BreakerState::Closed);
             metrics.upstream_up.get_or_create(&label).set(up);
             if let Some(remaining) = health.rate_limit_remaining {
@@ -475,8 +445,7 @@ impl PullThrough {
         t: &Target<'_>,
         suffix: &str,
     ) -> Result<UpstreamDocument, CacheError> {
-        let (ctx, _) = self.ctx(t)?;
-        Ok(ctx.client.document(t.remote, suffix).await?)
+        Ok(t.upstream.client().document(t.remote, suffix).await?)
     }
 }
 

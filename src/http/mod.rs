@@ -36,9 +36,9 @@ use crate::cache::{PullThrough, Target};
 use crate::central::{CentralAuth, CentralError, Puller};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
-use crate::namespace::{self, Namespace, NamespaceError};
 use crate::oci::{ErrorCode, RepoName};
 use crate::storage::Store;
+use crate::upstream::{Namespace, NamespaceError, UpstreamHandle};
 pub use body::Body;
 use body::FileSender;
 use error::ApiError;
@@ -117,12 +117,8 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
         let mut route = route::route(&method, &path, req.uri().query())?;
         route_name = route.name();
         let namespace = resolve(&state, &mut route, req.uri().query())?;
-        if let Namespace::Upstream { index, .. } = &namespace {
-            upstream_ns = state
-                .config
-                .upstreams
-                .get(*index)
-                .and_then(|u| HeaderValue::from_str(&u.name).ok());
+        if let Namespace::Upstream { upstream, .. } = &namespace {
+            upstream_ns = HeaderValue::from_str(upstream.name()).ok();
         }
         let principal = authenticate(&state, &req, peer).await?;
         subject = principal.subject().to_owned();
@@ -134,8 +130,8 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
         };
         match namespace {
             Namespace::Hosted => dispatch(&state, &ctx, route, req).await,
-            Namespace::Upstream { index, remote } => {
-                dispatch_upstream(&state, index, &remote, route, req).await
+            Namespace::Upstream { upstream, remote } => {
+                dispatch_upstream(&state, &upstream, &remote, route, req).await
             }
         }
     }
@@ -343,10 +339,11 @@ async fn central_gate(
     principal: &Principal,
     action: Action,
 ) -> Result<(), ApiError> {
-    let (Some(central), Namespace::Upstream { index, remote }) = (&state.central, namespace) else {
+    let (Some(central), Namespace::Upstream { upstream, remote }) = (&state.central, namespace)
+    else {
         return Ok(());
     };
-    if !central.is_central(*index) || action != Action::Pull {
+    if !central.is_central(upstream.id()) || action != Action::Pull {
         return Ok(());
     }
     let Some(who) = puller(principal) else {
@@ -374,13 +371,13 @@ pub(crate) async fn central_lists(state: &State, principal: &Principal, repo: &R
     let Some(central) = &state.central else {
         return true;
     };
-    let Ok(resolved) = namespace::resolve(&state.config, repo, None) else {
+    let Ok(resolved) = state.cache.upstreams().resolve(repo, None) else {
         return false;
     };
-    let Namespace::Upstream { index, remote } = resolved.namespace else {
+    let Namespace::Upstream { upstream, remote } = resolved.namespace else {
         return true;
     };
-    if !central.is_central(index) {
+    if !central.is_central(upstream.id()) {
         return true;
     }
     match puller(principal) {
@@ -396,8 +393,11 @@ fn resolve(state: &State, route: &mut Route, query: Option<&str>) -> Result<Name
         return Ok(Namespace::Hosted);
     };
     let query = route::Query::parse(query)?;
-    let resolved =
-        namespace::resolve(&state.config, repo, query.get("ns")).map_err(|e| match e {
+    let resolved = state
+        .cache
+        .upstreams()
+        .resolve(repo, query.get("ns"))
+        .map_err(|e| match e {
             NamespaceError::UnknownNamespace(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, e.to_string())
             }
@@ -411,7 +411,7 @@ fn resolve(state: &State, route: &mut Route, query: Option<&str>) -> Result<Name
 /// refused (pushes go to hosted repositories).
 async fn dispatch_upstream(
     state: &State,
-    index: usize,
+    upstream: &UpstreamHandle,
     remote: &crate::oci::RepoName,
     route: Route,
     req: Request<Incoming>,
@@ -429,7 +429,7 @@ async fn dispatch_upstream(
         return Err(ApiError::internal("upstream route without a repository"));
     };
     let t = Target {
-        index,
+        upstream,
         remote,
         canonical: &canonical,
     };
@@ -545,9 +545,11 @@ async fn token(state: &State, ctx: &Ctx, scopes: &[String]) -> Result<Response<B
     if let (Some(central), Principal::Central(user)) = (&state.central, &ctx.principal) {
         let mut kept = Vec::with_capacity(scopes.len());
         for scope in scopes {
-            let remote = match namespace::resolve(&state.config, &scope.repo, None) {
+            let remote = match state.cache.upstreams().resolve(&scope.repo, None) {
                 Ok(r) => match r.namespace {
-                    Namespace::Upstream { index, remote } if central.is_central(index) => {
+                    Namespace::Upstream { upstream, remote }
+                        if central.is_central(upstream.id()) =>
+                    {
                         Some(remote)
                     }
                     _ => None,

@@ -25,7 +25,7 @@ pub async fn get_manifest(
     head: bool,
     accept: Option<&str>,
 ) -> Result<Response<Body>> {
-    let upstream = state.cache.upstream_name(t.index);
+    let upstream = t.upstream.name();
     let answer = match state.cache.manifest(t, reference, accept).await {
         Ok(a) => a,
         Err(e) => {
@@ -54,7 +54,7 @@ pub async fn get_manifest(
 /// off the response path) so that anonymous pulls keep working offline.
 fn learn_anonymous(state: &State, t: &Target<'_>) {
     if let Some(central) = &state.central
-        && central.is_central(t.index)
+        && central.is_central(t.upstream.id())
         && central.learns_anonymous()
     {
         let (central, remote) = (central.clone(), t.remote.clone());
@@ -81,7 +81,7 @@ pub async fn get_blob(
     range: Option<&str>,
     sender: &FileSender,
 ) -> Result<Response<Body>> {
-    let upstream = state.cache.upstream_name(t.index);
+    let upstream = t.upstream.name();
     let answer = match state.cache.blob(t, digest, head).await {
         Ok(a) => a,
         Err(e) => {

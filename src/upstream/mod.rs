@@ -8,9 +8,14 @@
 //! `cache` layer does) and verifies no digest (the caller hashes what it stores).
 //! Credentials and tokens never reach a log line or an error message. `user` checks a
 //! central-registry user's own credentials and access (never fetching content with them).
+//!
+//! [`Upstreams`] holds every configured upstream, built once: it finds one by name, alias
+//! or registry host, and resolves a requested repository to its [`Namespace`] (`namespace`).
 
 mod breaker;
 pub mod challenge;
+mod namespace;
+mod registry;
 mod token;
 mod user;
 
@@ -41,6 +46,8 @@ use crate::config::UpstreamConfig;
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, Reference, RepoName};
 
 pub use self::breaker::BreakerState;
+pub use self::namespace::{Namespace, NamespaceError, Resolved};
+pub use self::registry::{UpstreamHandle, UpstreamId, Upstreams};
 pub use self::user::{LoginCheck, PullCheck, UserCredentials};
 
 /// Sent on every upstream request.
