@@ -30,7 +30,8 @@ use crate::storage::{
     AcceptClass, BlobHandle, FetchedManifest, StorageError, Store, StoredManifest, now_secs,
 };
 use crate::upstream::{
-    BreakerState, Upstream, UpstreamDocument, UpstreamError, UpstreamHandle, Upstreams,
+    BreakerState, TagsPage, Upstream, UpstreamError, UpstreamHandle, UpstreamReferrers,
+    UpstreamTags, Upstreams,
 };
 pub use flight::Follower;
 use flight::{Fetch, Flights};
@@ -438,14 +439,23 @@ impl PullThrough {
         }
     }
 
-    /// A small JSON document of the target repository (tag list, referrers), passed
-    /// through from the upstream.
-    pub async fn document(
+    /// A page of the target repository's tag list, passed through from the upstream.
+    pub async fn tags(&self, t: &Target<'_>, page: &TagsPage) -> Result<UpstreamTags, CacheError> {
+        Ok(t.upstream.client().tags(t.remote, page).await?)
+    }
+
+    /// The referrers of `digest` in the target repository, passed through from the
+    /// upstream.
+    pub async fn referrers(
         &self,
         t: &Target<'_>,
-        suffix: &str,
-    ) -> Result<UpstreamDocument, CacheError> {
-        Ok(t.upstream.client().document(t.remote, suffix).await?)
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<UpstreamReferrers, CacheError> {
+        Ok(t.upstream
+            .client()
+            .referrers(t.remote, digest, artifact_type)
+            .await?)
     }
 }
 

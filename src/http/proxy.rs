@@ -14,7 +14,7 @@ use super::registry::{self, BlobContent, blob_response, builder, finish, hv, man
 use super::route::Page;
 use crate::cache::{BlobAnswer, CacheError, Source, Target};
 use crate::oci::{Digest, Reference};
-use crate::upstream::UpstreamError;
+use crate::upstream::{TagsPage, UpstreamError};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -132,34 +132,13 @@ pub async fn get_blob(
     }
 }
 
-/// Minimal percent-encoding for a query value we pass on.
-fn escape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// The tag list, from the upstream; the stored tags when the upstream is down.
 pub async fn tags(state: &State, t: &Target<'_>, page: &Page) -> Result<Response<Body>> {
-    let mut query = Vec::new();
-    if let Some(n) = page.n {
-        query.push(format!("n={n}"));
-    }
-    if let Some(last) = &page.last {
-        query.push(format!("last={}", escape(last)));
-    }
-    let suffix = if query.is_empty() {
-        "tags/list".to_owned()
-    } else {
-        format!("tags/list?{}", query.join("&"))
+    let upstream_page = TagsPage {
+        n: page.n,
+        last: page.last.clone(),
     };
-    match state.cache.document(t, &suffix).await {
+    match state.cache.tags(t, &upstream_page).await {
         Ok(doc) => {
             let mut b = builder(StatusCode::OK).header(
                 header::CONTENT_TYPE,
@@ -191,11 +170,7 @@ pub async fn referrers(
     digest: &Digest,
     artifact_type: Option<&str>,
 ) -> Result<Response<Body>> {
-    let suffix = match artifact_type {
-        Some(a) => format!("referrers/{digest}?artifactType={}", escape(a)),
-        None => format!("referrers/{digest}"),
-    };
-    match state.cache.document(t, &suffix).await {
+    match state.cache.referrers(t, digest, artifact_type).await {
         Ok(doc) => {
             let mut b = builder(StatusCode::OK).header(
                 header::CONTENT_TYPE,
