@@ -37,6 +37,8 @@ pub struct Daemon {
     /// Cache upkeep and the admin socket; awaited on stop so the last flush of access
     /// times and the socket's removal finish before the runtime ends.
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// Its background work (central learning) is awaited on stop, after the last request.
+    pull_through: Arc<PullThrough>,
     tls: Option<TlsSettings>,
     auth: Authenticator,
     store: Store,
@@ -175,12 +177,13 @@ impl Daemon {
         );
         let metrics = Arc::new(Metrics::new());
         let upstreams = Upstreams::new(&config).context("setting up upstream clients")?;
+        let central = central_auth(&config, &upstreams, &store, &metrics)?;
         let cache = Arc::new(PullThrough::new(
             store.clone(),
-            upstreams.clone(),
+            upstreams,
             metrics.clone(),
+            central.clone(),
         ));
-        let central = central_auth(&config, &upstreams, &store, &metrics)?;
         let shutdown = CancellationToken::new();
         let maintenance = tokio::spawn({
             let (cache, shutdown) = (cache.clone(), shutdown.clone());
@@ -209,7 +212,7 @@ impl Daemon {
             store.clone(),
             auth.clone(),
             throttle,
-            cache,
+            cache.clone(),
             metrics,
             central,
         );
@@ -226,6 +229,7 @@ impl Daemon {
             shutdown,
             task,
             background: vec![maintenance, admin, keys],
+            pull_through: cache,
             tls,
             auth,
             store,
@@ -274,6 +278,7 @@ impl Daemon {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+        self.pull_through.close().await;
         for task in self.background {
             let _ = task.await;
         }

@@ -13,6 +13,12 @@
 //! - A blob is served through repository R only if R's link to it exists or the
 //!   upstream confirms R has it; bytes on disk because of another repository are not
 //!   enough.
+//! - Tag lists and referrers pass through from the upstream; while it is out (down,
+//!   failing, rate-limiting), what is stored here is served instead (stale).
+//! - Every answer is counted here (`outpost_cache_*`, per upstream), and a manifest the
+//!   central registry served to Outpost's anonymous client teaches the central login
+//!   service that the repository is anonymous there (a background task, tracked and
+//!   waited for by [`PullThrough::close`]).
 //!
 //! This module knows nothing of HTTP; the `http` layer maps its answers and errors.
 
@@ -23,11 +29,15 @@ mod singleflight;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::task::TaskTracker;
+
+use crate::central::CentralAuth;
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, Manifest, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::storage::{
-    AcceptClass, BlobHandle, FetchedManifest, StorageError, Store, StoredManifest, now_secs,
+    AcceptClass, BlobHandle, FetchedManifest, ReferrerRecord, StorageError, Store, StoredManifest,
+    now_secs,
 };
 use crate::upstream::{
     BreakerState, TagsPage, Upstream, UpstreamError, UpstreamHandle, UpstreamReferrers,
@@ -90,6 +100,25 @@ pub struct ManifestAnswer {
     pub coalesced: bool,
 }
 
+/// A page of a tag list.
+#[derive(Debug)]
+pub enum TagsAnswer {
+    /// The upstream's page, its `Link` rewritten to name our canonical path.
+    Upstream(UpstreamTags),
+    /// The upstream is out: every tag stored here, sorted (the caller pages through them
+    /// as through a hosted repository's).
+    Stored(Vec<String>),
+}
+
+/// The referrers of a manifest.
+#[derive(Debug)]
+pub enum ReferrersAnswer {
+    /// The upstream's referrers index, passed through.
+    Upstream(UpstreamReferrers),
+    /// The upstream is out: the referrers stored here, filtered by artifact type.
+    Stored(Vec<ReferrerRecord>),
+}
+
 /// A blob ready to serve.
 pub enum BlobAnswer {
     /// Stored and linked to the repository.
@@ -123,6 +152,11 @@ pub struct PullThrough {
     /// Notified whenever a download is committed.
     committed: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
+    /// The central login service, when its upstream is fetched from anonymously: it
+    /// learns which repositories the central registry serves to anyone.
+    learner: Option<Arc<CentralAuth>>,
+    /// Background work started by requests (central learning); waited for on close.
+    tasks: TaskTracker,
 }
 
 /// Every manifest media type, index types first: what we ask upstreams for on behalf of
@@ -169,8 +203,14 @@ struct FetchCtx {
 }
 
 impl PullThrough {
-    /// The pull-through cache over `upstreams`, storing into `store`.
-    pub fn new(store: Store, upstreams: Upstreams, metrics: Arc<Metrics>) -> PullThrough {
+    /// The pull-through cache over `upstreams`, storing into `store`. `central`, the
+    /// central login service, learns from what its upstream serves Outpost anonymously.
+    pub fn new(
+        store: Store,
+        upstreams: Upstreams,
+        metrics: Arc<Metrics>,
+        central: Option<Arc<CentralAuth>>,
+    ) -> PullThrough {
         PullThrough {
             store,
             upstreams,
@@ -180,7 +220,16 @@ impl PullThrough {
             blobs: Arc::default(),
             committed: Arc::default(),
             metrics,
+            learner: central.filter(|c| c.learns_anonymous()),
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Waits for background work started by requests (central learning). Call once no
+    /// more requests come.
+    pub async fn close(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// The upstreams this pull-through serves (where requested repositories resolve).
@@ -204,9 +253,45 @@ impl PullThrough {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<ManifestAnswer, CacheError> {
-        match reference {
+        let answer = match reference {
             Reference::Digest(d) => self.manifest_by_digest(t, d).await,
             Reference::Tag(tag) => self.manifest_by_tag(t, tag, accept).await,
+        };
+        let upstream = t.upstream.name();
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics.cache_result(upstream, "manifest", "error");
+                return Err(e);
+            }
+        };
+        let result = match answer.source {
+            Source::Hit => "hit",
+            Source::Fetched => "miss",
+            Source::Revalidated => "revalidated",
+            Source::Stale => "stale",
+        };
+        self.metrics.cache_result(upstream, "manifest", result);
+        if answer.coalesced {
+            self.metrics.coalesced(upstream);
+        }
+        if matches!(answer.source, Source::Fetched | Source::Revalidated) {
+            self.learn_anonymous(t);
+        }
+        Ok(answer)
+    }
+
+    /// The upstream just answered Outpost's request without credentials of Outpost's own.
+    /// If it is the central registry, the repository is served anonymously there: the
+    /// central login service remembers it (off the response path) so that anonymous
+    /// pulls of it keep working while the central registry is unreachable.
+    fn learn_anonymous(&self, t: &Target<'_>) {
+        if let Some(central) = &self.learner
+            && central.is_central(t.upstream.id())
+        {
+            let (central, remote) = (central.clone(), t.remote.clone());
+            self.tasks
+                .spawn(async move { central.learn_anonymous(&remote).await });
         }
     }
 
@@ -338,6 +423,37 @@ impl PullThrough {
         digest: &Digest,
         head: bool,
     ) -> Result<BlobAnswer, CacheError> {
+        let upstream = t.upstream.name();
+        let answer = match self.find_blob(t, digest, head).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics.cache_result(upstream, "blob", "error");
+                return Err(e);
+            }
+        };
+        let (result, source, size) = match &answer {
+            BlobAnswer::Stored(b) => ("hit", "cache", Some(b.size)),
+            BlobAnswer::Remote { .. } => ("miss", "upstream", None),
+            BlobAnswer::Streaming(f) => ("miss", "upstream", f.size),
+        };
+        self.metrics.cache_result(upstream, "blob", result);
+        if let (false, Some(size)) = (head, size) {
+            self.metrics.served_bytes(upstream, source, size);
+        }
+        if let BlobAnswer::Streaming(f) = &answer
+            && f.joined
+        {
+            self.metrics.coalesced(upstream);
+        }
+        Ok(answer)
+    }
+
+    async fn find_blob(
+        &self,
+        t: &Target<'_>,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<BlobAnswer, CacheError> {
         if let Some(handle) = self.store.open_blob(t.canonical, digest).await? {
             return Ok(BlobAnswer::Stored(handle));
         }
@@ -439,23 +555,82 @@ impl PullThrough {
         }
     }
 
-    /// A page of the target repository's tag list, passed through from the upstream.
-    pub async fn tags(&self, t: &Target<'_>, page: &TagsPage) -> Result<UpstreamTags, CacheError> {
-        Ok(t.upstream.client().tags(t.remote, page).await?)
+    /// A page of the target repository's tag list: the upstream's, or while it is out,
+    /// the tags stored here. A repository the upstream does not know is unknown, and so is
+    /// one it cannot answer for that has nothing stored here.
+    pub async fn tags(&self, t: &Target<'_>, page: &TagsPage) -> Result<TagsAnswer, CacheError> {
+        let answer = match t.upstream.client().tags(t.remote, page).await {
+            Ok(mut tags) => {
+                // The upstream's link names its own path; ours works with any client.
+                tags.link = tags.link.map(|link| {
+                    link.replace(
+                        &format!("/v2/{}/", t.remote),
+                        &format!("/v2/{}/", t.canonical),
+                    )
+                });
+                Ok(TagsAnswer::Upstream(tags))
+            }
+            Err(e) if e.is_outage() => match self.store.tags(t.canonical).await {
+                Ok(Some(stored)) => {
+                    tracing::info!(upstream = t.upstream.name(), repo = %t.canonical, error = %e, "serving stored tags");
+                    Ok(TagsAnswer::Stored(stored))
+                }
+                Ok(None) => Err(UpstreamError::NotFound.into()),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        };
+        self.count_document(t, "tags", &answer, |a| matches!(a, TagsAnswer::Stored(_)));
+        answer
     }
 
-    /// The referrers of `digest` in the target repository, passed through from the
-    /// upstream.
+    /// The referrers of `digest` in the target repository: the upstream's, or while it is
+    /// out, the ones stored here. An upstream without the referrers API answers
+    /// `NotFound`, which the caller passes on (clients then use the tag schema).
     pub async fn referrers(
         &self,
         t: &Target<'_>,
         digest: &Digest,
         artifact_type: Option<&str>,
-    ) -> Result<UpstreamReferrers, CacheError> {
-        Ok(t.upstream
-            .client()
-            .referrers(t.remote, digest, artifact_type)
-            .await?)
+    ) -> Result<ReferrersAnswer, CacheError> {
+        let client = t.upstream.client();
+        let answer = match client.referrers(t.remote, digest, artifact_type).await {
+            Ok(referrers) => Ok(ReferrersAnswer::Upstream(referrers)),
+            Err(e) if e.is_outage() => match self.store.referrers(t.canonical, digest).await {
+                Ok(all) => {
+                    tracing::info!(upstream = t.upstream.name(), repo = %t.canonical, error = %e, "serving stored referrers");
+                    let wanted = |r: &ReferrerRecord| {
+                        artifact_type.is_none_or(|a| r.artifact_type.as_deref() == Some(a))
+                    };
+                    Ok(ReferrersAnswer::Stored(
+                        all.into_iter().filter(wanted).collect(),
+                    ))
+                }
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        };
+        self.count_document(t, "referrers", &answer, |a| {
+            matches!(a, ReferrersAnswer::Stored(_))
+        });
+        answer
+    }
+
+    /// Counts a tag list or referrers answer: passed through (`miss`), stored (`stale`)
+    /// or failed.
+    fn count_document<A>(
+        &self,
+        t: &Target<'_>,
+        kind: &'static str,
+        answer: &Result<A, CacheError>,
+        stored: impl Fn(&A) -> bool,
+    ) {
+        let result = match answer {
+            Ok(a) if stored(a) => "stale",
+            Ok(_) => "miss",
+            Err(_) => "error",
+        };
+        self.metrics.cache_result(t.upstream.name(), kind, result);
     }
 }
 
