@@ -734,7 +734,13 @@ async fn fetch_manifest(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use bytes::Bytes;
+
     use super::*;
+    use crate::config::Config;
+    use crate::upstream::testserver::{Seen, TestServer, respond};
 
     #[test]
     fn accept_classes() {
@@ -751,5 +757,200 @@ mod tests {
         assert_eq!(class, AcceptClass::SingleOnly);
         assert_eq!(up, DOCKER_MANIFEST);
         assert_eq!(accept_class(Some("text/html")).0, AcceptClass::Any);
+    }
+
+    const SBOM: &str = "application/vnd.example.sbom";
+
+    /// An image manifest and an SBOM whose subject it is, as an upstream serves them.
+    fn manifests() -> (Bytes, Bytes) {
+        let config = Digest::sha256_of(b"{}");
+        let image = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[]}}"#
+        );
+        let subject = Digest::sha256_of(image.as_bytes());
+        let sbom = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"{SBOM}","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{config}","size":2}},"layers":[],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{subject}","size":{}}}}}"#,
+            image.len()
+        );
+        (Bytes::from(image), Bytes::from(sbom))
+    }
+
+    /// A fake upstream serving repository `a/b` (tag `v1`, its SBOM, a tag list with a
+    /// next page and a referrers index); while `down`, it answers 503 to everything.
+    async fn upstream(down: Arc<AtomicBool>) -> TestServer {
+        let (image, sbom) = manifests();
+        let subject = Digest::sha256_of(&image);
+        let sbom_digest = Digest::sha256_of(&sbom);
+        TestServer::start(move |s: Seen| {
+            let (down, image, sbom) = (down.clone(), image.clone(), sbom.clone());
+            let (subject, sbom_digest) = (subject.clone(), sbom_digest.clone());
+            async move {
+                if down.load(Ordering::SeqCst) {
+                    return respond(503, &[], "down");
+                }
+                let manifest = |body: Bytes| {
+                    let digest = Digest::sha256_of(&body).to_string();
+                    respond(
+                        200,
+                        &[
+                            ("content-type", OCI_MANIFEST),
+                            ("docker-content-digest", &digest),
+                        ],
+                        body,
+                    )
+                };
+                match s.uri.as_str() {
+                    "/v2/a/b/tags/list?n=1" => respond(
+                        200,
+                        &[
+                            ("content-type", "application/json"),
+                            ("link", r#"</v2/a/b/tags/list?n=1&last=v1>; rel="next""#),
+                        ],
+                        r#"{"name":"a/b","tags":["v1"]}"#,
+                    ),
+                    "/v2/a/b/manifests/v1" => manifest(image),
+                    u if u == format!("/v2/a/b/manifests/{sbom_digest}") => manifest(sbom),
+                    u if u.starts_with(&format!("/v2/a/b/referrers/{subject}")) => {
+                        respond(200, &[("content-type", OCI_INDEX)], "{\"manifests\":[]}")
+                    }
+                    _ => respond(404, &[], "{}"),
+                }
+            }
+        })
+        .await
+    }
+
+    fn pull_through(url: &str, dir: &std::path::Path) -> (PullThrough, Arc<Metrics>) {
+        let config = Config::from_toml(&format!(
+            r#"
+            [server]
+            listen = ["127.0.0.1:5000"]
+            public_url = "http://outpost.site:5000"
+            [storage]
+            path = "{}"
+            [[upstream]]
+            name = "up.example"
+            url = "{url}"
+            "#,
+            dir.display()
+        ))
+        .expect("valid config");
+        let upstreams = Upstreams::new(&config).expect("upstreams");
+        let store = Store::open(dir, 1 << 20).expect("store");
+        let metrics = Arc::new(Metrics::new());
+        let pt = PullThrough::new(store, upstreams, metrics.clone(), None);
+        (pt, metrics)
+    }
+
+    fn name(s: &str) -> RepoName {
+        s.parse().expect("repo name")
+    }
+
+    fn counted(metrics: &Metrics, kind: &str, result: &str) -> bool {
+        metrics.encode().contains(&format!(
+            "outpost_cache_requests_total{{upstream=\"up.example\",kind=\"{kind}\",result=\"{result}\"}} 1"
+        ))
+    }
+
+    /// Tag lists and referrers pass through while the upstream answers (the tags `Link`
+    /// rewritten to our path), and are served from the store, counted stale, while it is
+    /// out; a repository with nothing stored stays unknown.
+    #[tokio::test]
+    async fn tags_and_referrers_fall_back_to_the_store_while_the_upstream_is_out() {
+        let down = Arc::new(AtomicBool::new(false));
+        let server = upstream(down.clone()).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (pt, metrics) = pull_through(&server.url(), dir.path());
+        let handle = pt
+            .upstreams()
+            .by_name("up.example")
+            .expect("configured")
+            .clone();
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let t = Target {
+            upstream: &handle,
+            remote: &remote,
+            canonical: &canonical,
+        };
+        let (image, sbom) = manifests();
+        let subject = Digest::sha256_of(&image);
+
+        let page = TagsPage {
+            n: Some(1),
+            last: None,
+        };
+        match pt.tags(&t, &page).await.expect("tags") {
+            TagsAnswer::Upstream(tags) => assert_eq!(
+                tags.link.as_deref(),
+                Some(r#"</v2/up.example/a/b/tags/list?n=1&last=v1>; rel="next""#)
+            ),
+            other => panic!("expected the upstream's page, got {other:?}"),
+        }
+        assert!(counted(&metrics, "tags", "miss"));
+        let referrers = pt.referrers(&t, &subject, None).await.expect("referrers");
+        assert!(matches!(referrers, ReferrersAnswer::Upstream(_)));
+
+        // Store the tag and the SBOM, as pulls through Outpost do.
+        let v1: Reference = "v1".parse().expect("tag");
+        pt.manifest(&t, &v1, None).await.expect("image");
+        let sbom_ref = Reference::Digest(Digest::sha256_of(&sbom));
+        pt.manifest(&t, &sbom_ref, None).await.expect("sbom");
+
+        down.store(true, Ordering::SeqCst);
+        match pt.tags(&t, &page).await.expect("stored tags") {
+            TagsAnswer::Stored(tags) => assert_eq!(tags, ["v1"]),
+            other => panic!("expected the stored tags, got {other:?}"),
+        }
+        assert!(counted(&metrics, "tags", "stale"));
+        for (filter, expected) in [(None, 1), (Some(SBOM), 1), (Some("other/type"), 0)] {
+            match pt.referrers(&t, &subject, filter).await.expect("stored") {
+                ReferrersAnswer::Stored(r) => assert_eq!(r.len(), expected, "{filter:?}"),
+                other => panic!("expected the stored referrers, got {other:?}"),
+            }
+        }
+        let unknown = name("up.example/never/pulled");
+        let remote = name("never/pulled");
+        let t = Target {
+            upstream: &handle,
+            remote: &remote,
+            canonical: &unknown,
+        };
+        let err = pt.tags(&t, &page).await.expect_err("nothing stored");
+        assert!(err.is_gone(), "{err}");
+        server.stop().await;
+    }
+
+    /// An upstream that answers "unknown" is not out: nothing stored is served instead.
+    #[tokio::test]
+    async fn an_upstream_404_is_passed_on_not_replaced_by_stored_tags() {
+        let server = upstream(Arc::new(AtomicBool::new(false))).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (pt, metrics) = pull_through(&server.url(), dir.path());
+        let handle = pt
+            .upstreams()
+            .by_name("up.example")
+            .expect("configured")
+            .clone();
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let t = Target {
+            upstream: &handle,
+            remote: &remote,
+            canonical: &canonical,
+        };
+        let v1: Reference = "v1".parse().expect("tag");
+        pt.manifest(&t, &v1, None).await.expect("image");
+        // The fake knows only `?n=1`: any other page is a 404.
+        let err = pt
+            .tags(&t, &TagsPage::default())
+            .await
+            .expect_err("unknown upstream");
+        assert!(err.is_gone(), "{err}");
+        assert!(counted(&metrics, "tags", "error"));
+        let err = pt
+            .referrers(&t, &Digest::sha256_of(b"nothing"), None)
+            .await
+            .expect_err("no referrers API");
+        assert!(err.is_gone(), "{err}");
+        server.stop().await;
     }
 }

@@ -21,8 +21,9 @@ mod user;
 
 #[cfg(test)]
 mod tests;
+/// Also serves the pull-through's tests as a fake upstream.
 #[cfg(test)]
-mod testserver;
+pub(crate) mod testserver;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
