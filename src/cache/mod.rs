@@ -953,4 +953,54 @@ mod tests {
         assert!(err.is_gone(), "{err}");
         server.stop().await;
     }
+
+    /// A manifest the central registry serves Outpost's anonymous client teaches the
+    /// central login service that the repository is anonymous there; the lesson is a
+    /// tracked task that `close` waits for.
+    #[tokio::test]
+    async fn central_learning_is_done_when_close_returns() {
+        use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
+        use crate::central::Puller;
+
+        let server = upstream(Arc::new(AtomicBool::new(false))).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (plain, metrics) = pull_through(&server.url(), dir.path());
+        let handle = plain
+            .upstreams()
+            .by_name("up.example")
+            .expect("configured")
+            .clone();
+        let rules = CentralRules {
+            ttl: Duration::from_secs(60),
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            offline_grace: Duration::from_secs(3600),
+        };
+        let central = CentralAuth::new(
+            handle.client().clone(),
+            handle.id(),
+            plain.store.clone(),
+            rules,
+            metrics.clone(),
+        )
+        .expect("central");
+        let central = Arc::new(central);
+        let pt = PullThrough::new(
+            plain.store.clone(),
+            plain.upstreams().clone(),
+            metrics,
+            Some(central.clone()),
+        );
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let t = Target {
+            upstream: &handle,
+            remote: &remote,
+            canonical: &canonical,
+        };
+        assert!(!central.may_list(Puller::Anonymous, &remote).await);
+        let v1: Reference = "v1".parse().expect("tag");
+        pt.manifest(&t, &v1, None).await.expect("image");
+        pt.close().await;
+        assert!(central.may_list(Puller::Anonymous, &remote).await);
+        server.stop().await;
+    }
 }
