@@ -1,4 +1,4 @@
-//! Pull-through caching (PRODUCT.md §2): answers manifest and blob requests for upstream
+//! Pull-through caching: answers manifest and blob requests for upstream
 //! repositories from the store when it can, from the upstream when it must, and from the
 //! last known answer when the upstream is down.
 //!
@@ -572,9 +572,15 @@ impl PullThrough {
             }
             Err(e) if e.is_outage() => match self.store.tags(t.canonical).await {
                 Ok(Some(stored)) => {
-                    tracing::info!(upstream = t.upstream.name(), repo = %t.canonical, error = %e, "serving stored tags");
+                    tracing::info!(
+                        upstream = t.upstream.name(),
+                        repo = %t.canonical,
+                        error = %e,
+                        "serving stored tags"
+                    );
                     Ok(TagsAnswer::Stored(stored))
                 }
+                // Nothing of it stored here either: unknown, as a hosted repository would be.
                 Ok(None) => Err(UpstreamError::NotFound.into()),
                 Err(e) => Err(e.into()),
             },
@@ -598,7 +604,12 @@ impl PullThrough {
             Ok(referrers) => Ok(ReferrersAnswer::Upstream(referrers)),
             Err(e) if e.is_outage() => match self.store.referrers(t.canonical, digest).await {
                 Ok(all) => {
-                    tracing::info!(upstream = t.upstream.name(), repo = %t.canonical, error = %e, "serving stored referrers");
+                    tracing::info!(
+                        upstream = t.upstream.name(),
+                        repo = %t.canonical,
+                        error = %e,
+                        "serving stored referrers"
+                    );
                     let wanted = |r: &ReferrerRecord| {
                         artifact_type.is_none_or(|a| r.artifact_type.as_deref() == Some(a))
                     };
