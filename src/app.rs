@@ -22,6 +22,7 @@ use crate::http::{self, Listeners, TlsSettings};
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::systemd::Notifier;
+use crate::upstream::Upstreams;
 
 /// How often access times are flushed and the size budget checked, at the latest.
 const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -35,6 +36,8 @@ pub struct Daemon {
     /// Cache upkeep and the admin socket; awaited on stop so the last flush of access
     /// times and the socket's removal finish before the runtime ends.
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// Its background work (central learning) is awaited on stop, after the last request.
+    pull_through: Arc<PullThrough>,
     tls: Option<TlsSettings>,
     auth: Authenticator,
     store: Store,
@@ -74,27 +77,23 @@ fn token_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
 /// upstream's client (and so its circuit breaker) with the pull-through cache.
 fn central_auth(
     config: &Config,
-    cache: &PullThrough,
+    upstreams: &Upstreams,
     store: &Store,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Option<Arc<CentralAuth>>> {
     let Some(name) = &config.auth.central else {
         return Ok(None);
     };
-    let index = config
-        .upstreams
-        .iter()
-        .position(|u| &u.name == name)
+    let central = upstreams
+        .by_name(name)
         .with_context(|| format!("auth.central: no upstream is named {name:?}"))?;
-    let client = cache
-        .client(index)
-        .with_context(|| format!("auth.central: no client for upstream {name:?}"))?;
     let rules = CentralRules {
         ttl: config.auth.central_ttl,
         negative_ttl: DEFAULT_NEGATIVE_TTL,
         offline_grace: config.auth.offline_grace,
     };
-    let central = CentralAuth::new(client, index, store.clone(), rules, metrics.clone())
+    let client = central.client().clone();
+    let central = CentralAuth::new(client, central.id(), store.clone(), rules, metrics.clone())
         .map_err(|e| anyhow::anyhow!("no entropy for central login records: {e}"))?;
     Ok(Some(Arc::new(central)))
 }
@@ -183,11 +182,14 @@ impl Daemon {
             DEFAULT_CAPACITY,
         );
         let metrics = Arc::new(Metrics::new());
-        let cache = Arc::new(
-            PullThrough::new(&config, store.clone(), metrics.clone())
-                .context("setting up upstream clients")?,
-        );
-        let central = central_auth(&config, &cache, &store, &metrics)?;
+        let upstreams = Upstreams::new(&config).context("setting up upstream clients")?;
+        let central = central_auth(&config, &upstreams, &store, &metrics)?;
+        let cache = Arc::new(PullThrough::new(
+            store.clone(),
+            upstreams.clone(),
+            metrics.clone(),
+            central.clone(),
+        ));
         let shutdown = CancellationToken::new();
         let maintenance = tokio::spawn({
             let (cache, shutdown) = (cache.clone(), shutdown.clone());
@@ -216,15 +218,15 @@ impl Daemon {
             throttle,
             central: central.clone(),
             metrics: metrics.clone(),
-            config: config.clone(),
+            upstreams,
+            public_url: config.server.public_url.clone(),
         });
         let state = http::State::new(
             config.clone(),
             store.clone(),
             access,
-            cache,
+            cache.clone(),
             metrics,
-            central,
         );
         let task = tokio::spawn(http::serve(state, listeners, tls.clone(), shutdown.clone()));
         for a in &plain_addrs {
@@ -239,6 +241,7 @@ impl Daemon {
             shutdown,
             task,
             background: vec![maintenance, admin, keys],
+            pull_through: cache,
             tls,
             auth,
             store,
@@ -287,6 +290,7 @@ impl Daemon {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
+        self.pull_through.close().await;
         for task in self.background {
             let _ = task.await;
         }

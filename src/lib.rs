@@ -11,8 +11,9 @@
 //!   use, `key list`).
 //! - [`mirror`]: scheduled mirroring: jobs, tag selection, platforms and schedules (the
 //!   engine that runs them is not built yet).
-//! - [`upstream`]: clients for upstream registries (token flow, redirects, timeouts,
-//!   circuit breaker).
+//! - [`upstream`]: the registry of configured upstreams (lookup by name, alias or host;
+//!   where a requested repository lives) and their clients (token flow, redirects,
+//!   timeouts, circuit breaker).
 //! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
 //! - [`admin`]: the local admin socket through which CLI commands reach a running daemon.
 //! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
@@ -35,7 +36,6 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod mirror;
-pub mod namespace;
 pub mod oci;
 pub mod storage;
 pub mod systemd;

@@ -19,10 +19,9 @@ use super::{
     Action, AuthError, Authenticator, FailureThrottle, Identified, IssuedToken, MAX_TOKEN_SCOPES,
     Principal, Scope,
 };
-use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::namespace::{self, Namespace};
 use crate::oci::{RepoName, Tag};
+use crate::upstream::{Namespace, UpstreamId, Upstreams};
 
 /// What a refused caller is told to do next: `WWW-Authenticate: Bearer realm=…,
 /// service=…[,scope=…]`, so that clients run the token flow.
@@ -78,7 +77,9 @@ pub struct AccessSettings {
     pub central: Option<Arc<CentralAuth>>,
     pub metrics: Arc<Metrics>,
     /// Resolves repository names of token scopes and listings to their upstream.
-    pub config: Arc<Config>,
+    pub upstreams: Upstreams,
+    /// Base URL clients reach us at: the token realm is `<public_url>/token`.
+    pub public_url: String,
 }
 
 /// The access service: a cheap-to-clone handle.
@@ -94,19 +95,19 @@ impl Access {
         }
     }
 
-    /// Whether repositories routed to upstream `index` belong to the central registry,
-    /// whose own say on pulls counts (see [`Access::authorize`]).
-    pub fn is_central(&self, index: usize) -> bool {
+    /// Whether repositories routed to `upstream` belong to the central registry, whose
+    /// own say on pulls counts (see [`Access::authorize`]).
+    pub fn is_central(&self, upstream: UpstreamId) -> bool {
         self.inner
             .central
             .as_ref()
-            .is_some_and(|c| c.is_central(index))
+            .is_some_and(|c| c.is_central(upstream))
     }
 
     /// The challenge for a refusal, optionally about one repository.
     fn challenge(&self, scope: Option<String>) -> Challenge {
         Challenge {
-            realm: format!("{}/token", self.inner.config.server.public_url),
+            realm: format!("{}/token", self.inner.public_url),
             service: self.inner.authenticator.service().to_owned(),
             scope,
         }
@@ -262,13 +263,13 @@ impl Access {
         let Some(central) = &self.inner.central else {
             return true;
         };
-        let Ok(resolved) = namespace::resolve(&self.inner.config, repo, None) else {
+        let Ok(resolved) = self.inner.upstreams.resolve(repo, None) else {
             return false;
         };
-        let Namespace::Upstream { index, remote } = resolved.namespace else {
+        let Namespace::Upstream { upstream, remote } = resolved.namespace else {
             return true;
         };
-        if !central.is_central(index) {
+        if !central.is_central(upstream.id()) {
             return true;
         }
         match puller(principal) {
@@ -327,11 +328,10 @@ impl Access {
 
     /// The name at the central registry of `repo`, when it belongs there.
     fn central_remote(&self, central: &CentralAuth, repo: &RepoName) -> Option<RepoName> {
-        match namespace::resolve(&self.inner.config, repo, None)
-            .ok()?
-            .namespace
-        {
-            Namespace::Upstream { index, remote } if central.is_central(index) => Some(remote),
+        match self.inner.upstreams.resolve(repo, None).ok()?.namespace {
+            Namespace::Upstream { upstream, remote } if central.is_central(upstream.id()) => {
+                Some(remote)
+            }
             _ => None,
         }
     }
@@ -395,7 +395,7 @@ mod tests {
             },
             RevocationSet::default(),
         );
-        let config = Config::from_toml(
+        let config = crate::config::Config::from_toml(
             "[server]\nlisten = [\"127.0.0.1:5000\"]\npublic_url = \"http://outpost.test:5000\"\n\
              [storage]\npath = \"/nonexistent\"\n",
         )
@@ -405,7 +405,8 @@ mod tests {
             throttle: FailureThrottle::new(2, Duration::from_secs(60), 100),
             central: None,
             metrics: Arc::new(Metrics::new()),
-            config: Arc::new(config),
+            upstreams: Upstreams::new(&config).expect("no upstreams to build"),
+            public_url: config.server.public_url.clone(),
         })
     }
 

@@ -1,4 +1,4 @@
-//! Pull-through caching (PRODUCT.md §2): answers manifest and blob requests for upstream
+//! Pull-through caching: answers manifest and blob requests for upstream
 //! repositories from the store when it can, from the upstream when it must, and from the
 //! last known answer when the upstream is down.
 //!
@@ -13,6 +13,12 @@
 //! - A blob is served through repository R only if R's link to it exists or the
 //!   upstream confirms R has it; bytes on disk because of another repository are not
 //!   enough.
+//! - Tag lists and referrers pass through from the upstream; while it is out (down,
+//!   failing, rate-limiting), what is stored here is served instead (stale).
+//! - Every answer is counted here (`outpost_cache_*`, per upstream), and a manifest the
+//!   central registry served to Outpost's anonymous client teaches the central login
+//!   service that the repository is anonymous there (a background task, tracked and
+//!   waited for by [`PullThrough::close`]).
 //!
 //! This module knows nothing of HTTP; the `http` layer maps its answers and errors.
 
@@ -23,14 +29,20 @@ mod singleflight;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::central::CentralAuth;
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, Manifest, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::storage::{
-    AcceptClass, BlobHandle, FetchedManifest, StorageError, Store, StoredManifest, now_secs,
+    AcceptClass, BlobHandle, FetchedManifest, ReferrerRecord, StorageError, Store, StoredManifest,
+    now_secs,
 };
-use crate::upstream::{BreakerState, Upstream, UpstreamDocument, UpstreamError};
+use crate::upstream::{
+    BreakerState, TagsPage, Upstream, UpstreamError, UpstreamHandle, UpstreamReferrers,
+    UpstreamTags, Upstreams,
+};
 pub use flight::Follower;
 use flight::{Fetch, Flights};
 use fresh::FreshTags;
@@ -88,6 +100,25 @@ pub struct ManifestAnswer {
     pub coalesced: bool,
 }
 
+/// A page of a tag list.
+#[derive(Debug)]
+pub enum TagsAnswer {
+    /// The upstream's page, its `Link` rewritten to name our canonical path.
+    Upstream(UpstreamTags),
+    /// The upstream is out: every tag stored here, sorted (the caller pages through them
+    /// as through a hosted repository's).
+    Stored(Vec<String>),
+}
+
+/// The referrers of a manifest.
+#[derive(Debug)]
+pub enum ReferrersAnswer {
+    /// The upstream's referrers index, passed through.
+    Upstream(UpstreamReferrers),
+    /// The upstream is out: the referrers stored here, filtered by artifact type.
+    Stored(Vec<ReferrerRecord>),
+}
+
 /// A blob ready to serve.
 pub enum BlobAnswer {
     /// Stored and linked to the repository.
@@ -100,18 +131,11 @@ pub enum BlobAnswer {
 
 /// An upstream repository a request is for.
 pub struct Target<'a> {
-    /// Index into the configured upstreams.
-    pub index: usize,
+    pub upstream: &'a UpstreamHandle,
     /// The name at the upstream (`library/alpine`).
     pub remote: &'a RepoName,
     /// The local, canonical name (`docker.io/library/alpine`).
     pub canonical: &'a RepoName,
-}
-
-struct Remote {
-    client: Upstream,
-    tag_ttl: Duration,
-    revalidate_wait: Duration,
 }
 
 type TagKey = (String, String, AcceptClass);
@@ -120,7 +144,7 @@ type ManifestResult = Result<StoredManifest, CacheError>;
 /// The pull-through cache over every configured upstream.
 pub struct PullThrough {
     store: Store,
-    remotes: Vec<Remote>,
+    upstreams: Upstreams,
     tags: Arc<Singleflight<TagKey, ManifestResult>>,
     fresh: FreshTags,
     manifests: Arc<Singleflight<(String, String), ManifestResult>>,
@@ -128,6 +152,11 @@ pub struct PullThrough {
     /// Notified whenever a download is committed.
     committed: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
+    /// The central login service, when its upstream is fetched from anonymously: it
+    /// learns which repositories the central registry serves to anyone.
+    learner: Option<Arc<CentralAuth>>,
+    /// Background work started by requests (central learning); waited for on close.
+    tasks: TaskTracker,
 }
 
 /// Every manifest media type, index types first: what we ask upstreams for on behalf of
@@ -174,56 +203,47 @@ struct FetchCtx {
 }
 
 impl PullThrough {
-    /// Builds a client for every configured upstream.
+    /// The pull-through cache over `upstreams`, storing into `store`. `central`, the
+    /// central login service, learns from what its upstream serves Outpost anonymously.
     pub fn new(
-        config: &Config,
         store: Store,
+        upstreams: Upstreams,
         metrics: Arc<Metrics>,
-    ) -> Result<PullThrough, UpstreamError> {
-        let remotes = config
-            .upstreams
-            .iter()
-            .map(|u| {
-                Ok(Remote {
-                    client: Upstream::new(u)?,
-                    tag_ttl: u.tag_ttl,
-                    revalidate_wait: u.revalidate_wait,
-                })
-            })
-            .collect::<Result<Vec<_>, UpstreamError>>()?;
-        Ok(PullThrough {
+        central: Option<Arc<CentralAuth>>,
+    ) -> PullThrough {
+        PullThrough {
             store,
-            remotes,
+            upstreams,
             tags: Arc::default(),
             fresh: FreshTags::default(),
             manifests: Arc::default(),
             blobs: Arc::default(),
             committed: Arc::default(),
             metrics,
-        })
+            learner: central.filter(|c| c.learns_anonymous()),
+            tasks: TaskTracker::new(),
+        }
     }
 
-    /// The name of upstream `index`, for labels and logs.
-    pub fn upstream_name(&self, index: usize) -> &str {
-        self.remotes.get(index).map_or("-", |r| r.client.name())
+    /// Waits for background work started by requests (central learning). Call once no
+    /// more requests come.
+    pub async fn close(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
-    /// The client of upstream `index` (shared, so that its circuit breaker is too).
-    pub fn client(&self, index: usize) -> Option<Upstream> {
-        self.remotes.get(index).map(|r| r.client.clone())
+    /// The upstreams this pull-through serves (where requested repositories resolve).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
     }
 
-    fn ctx(&self, t: &Target<'_>) -> Result<(FetchCtx, &Remote), CacheError> {
-        let remote = self.remotes.get(t.index).ok_or(CacheError::Internal)?;
-        Ok((
-            FetchCtx {
-                store: self.store.clone(),
-                client: remote.client.clone(),
-                remote: t.remote.clone(),
-                canonical: t.canonical.clone(),
-            },
-            remote,
-        ))
+    fn ctx(&self, t: &Target<'_>) -> FetchCtx {
+        FetchCtx {
+            store: self.store.clone(),
+            client: t.upstream.client().clone(),
+            remote: t.remote.clone(),
+            canonical: t.canonical.clone(),
+        }
     }
 
     /// The manifest `reference` names in the target repository.
@@ -233,9 +253,45 @@ impl PullThrough {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<ManifestAnswer, CacheError> {
-        match reference {
+        let answer = match reference {
             Reference::Digest(d) => self.manifest_by_digest(t, d).await,
             Reference::Tag(tag) => self.manifest_by_tag(t, tag, accept).await,
+        };
+        let upstream = t.upstream.name();
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics.cache_result(upstream, "manifest", "error");
+                return Err(e);
+            }
+        };
+        let result = match answer.source {
+            Source::Hit => "hit",
+            Source::Fetched => "miss",
+            Source::Revalidated => "revalidated",
+            Source::Stale => "stale",
+        };
+        self.metrics.cache_result(upstream, "manifest", result);
+        if answer.coalesced {
+            self.metrics.coalesced(upstream);
+        }
+        if matches!(answer.source, Source::Fetched | Source::Revalidated) {
+            self.learn_anonymous(t);
+        }
+        Ok(answer)
+    }
+
+    /// The upstream just answered Outpost's request without credentials of Outpost's own.
+    /// If it is the central registry, the repository is served anonymously there: the
+    /// central login service remembers it (off the response path) so that anonymous
+    /// pulls of it keep working while the central registry is unreachable.
+    fn learn_anonymous(&self, t: &Target<'_>) {
+        if let Some(central) = &self.learner
+            && central.is_central(t.upstream.id())
+        {
+            let (central, remote) = (central.clone(), t.remote.clone());
+            self.tasks
+                .spawn(async move { central.learn_anonymous(&remote).await });
         }
     }
 
@@ -252,7 +308,7 @@ impl PullThrough {
                 coalesced: false,
             });
         }
-        let (ctx, _) = self.ctx(t)?;
+        let ctx = self.ctx(t);
         let key = (t.canonical.to_string(), digest.to_string());
         let waiter = self.manifests.join(key, move || async move {
             fetch_manifest(&ctx, &reference, ACCEPT_ANY, None).await
@@ -273,9 +329,9 @@ impl PullThrough {
         accept: Option<&str>,
     ) -> Result<ManifestAnswer, CacheError> {
         let (class, upstream_accept) = accept_class(accept);
-        let (ctx, remote) = self.ctx(t)?;
+        let ctx = self.ctx(t);
         let key = (t.canonical.to_string(), tag.to_string(), class);
-        let ttl = remote.tag_ttl.as_secs();
+        let ttl = t.upstream.tag_ttl().as_secs();
         if let Some(manifest) = self.fresh.get(&key, ttl, now_secs()) {
             return Ok(ManifestAnswer {
                 manifest,
@@ -317,7 +373,7 @@ impl PullThrough {
                 coalesced,
             });
         };
-        let outcome = tokio::time::timeout(remote.revalidate_wait, waiter.wait()).await;
+        let outcome = tokio::time::timeout(t.upstream.revalidate_wait(), waiter.wait()).await;
         match outcome {
             Ok(Some(Ok(manifest))) => {
                 self.fresh.put(key, manifest.clone(), now_secs());
@@ -333,7 +389,7 @@ impl PullThrough {
             }
             Ok(Some(Err(e))) => {
                 tracing::info!(
-                    upstream = remote.client.name(),
+                    upstream = t.upstream.name(),
                     repo = %t.canonical,
                     error = %e,
                     "serving stale tag"
@@ -346,7 +402,7 @@ impl PullThrough {
             }
             Ok(None) | Err(_) => {
                 tracing::info!(
-                    upstream = remote.client.name(),
+                    upstream = t.upstream.name(),
                     repo = %t.canonical,
                     "tag revalidation is slow; serving stale tag"
                 );
@@ -367,10 +423,41 @@ impl PullThrough {
         digest: &Digest,
         head: bool,
     ) -> Result<BlobAnswer, CacheError> {
+        let upstream = t.upstream.name();
+        let answer = match self.find_blob(t, digest, head).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics.cache_result(upstream, "blob", "error");
+                return Err(e);
+            }
+        };
+        let (result, source, size) = match &answer {
+            BlobAnswer::Stored(b) => ("hit", "cache", Some(b.size)),
+            BlobAnswer::Remote { .. } => ("miss", "upstream", None),
+            BlobAnswer::Streaming(f) => ("miss", "upstream", f.size),
+        };
+        self.metrics.cache_result(upstream, "blob", result);
+        if let (false, Some(size)) = (head, size) {
+            self.metrics.served_bytes(upstream, source, size);
+        }
+        if let BlobAnswer::Streaming(f) = &answer
+            && f.joined
+        {
+            self.metrics.coalesced(upstream);
+        }
+        Ok(answer)
+    }
+
+    async fn find_blob(
+        &self,
+        t: &Target<'_>,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<BlobAnswer, CacheError> {
         if let Some(handle) = self.store.open_blob(t.canonical, digest).await? {
             return Ok(BlobAnswer::Stored(handle));
         }
-        let (ctx, _) = self.ctx(t)?;
+        let ctx = self.ctx(t);
         self.blobs.settle(digest).await;
         if self.store.stored_blob_size(digest).await?.is_some() {
             // Stored for another repository: serve it here only once the upstream
@@ -402,11 +489,11 @@ impl PullThrough {
 
     /// Sets the per-upstream health gauges (called when metrics are scraped).
     pub fn export_health(&self, metrics: &Metrics) {
-        for r in &self.remotes {
+        for u in self.upstreams.iter() {
             let label = UpstreamLabels {
-                upstream: r.client.name().to_owned(),
+                upstream: u.name().to_owned(),
             };
-            let health = r.client.health();
+            let health = u.client().health();
             let up = i64::from(health.breaker == BreakerState::Closed);
             metrics.upstream_up.get_or_create(&label).set(up);
             if let Some(remaining) = health.rate_limit_remaining {
@@ -468,15 +555,93 @@ impl PullThrough {
         }
     }
 
-    /// A small JSON document of the target repository (tag list, referrers), passed
-    /// through from the upstream.
-    pub async fn document(
+    /// A page of the target repository's tag list: the upstream's, or while it is out,
+    /// the tags stored here. A repository the upstream does not know is unknown, and so is
+    /// one it cannot answer for that has nothing stored here.
+    pub async fn tags(&self, t: &Target<'_>, page: &TagsPage) -> Result<TagsAnswer, CacheError> {
+        let answer = match t.upstream.client().tags(t.remote, page).await {
+            Ok(mut tags) => {
+                // The upstream's link names its own path; ours works with any client.
+                tags.link = tags.link.map(|link| {
+                    link.replace(
+                        &format!("/v2/{}/", t.remote),
+                        &format!("/v2/{}/", t.canonical),
+                    )
+                });
+                Ok(TagsAnswer::Upstream(tags))
+            }
+            Err(e) if e.is_outage() => match self.store.tags(t.canonical).await {
+                Ok(Some(stored)) => {
+                    tracing::info!(
+                        upstream = t.upstream.name(),
+                        repo = %t.canonical,
+                        error = %e,
+                        "serving stored tags"
+                    );
+                    Ok(TagsAnswer::Stored(stored))
+                }
+                // Nothing of it stored here either: unknown, as a hosted repository would be.
+                Ok(None) => Err(UpstreamError::NotFound.into()),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        };
+        self.count_document(t, "tags", &answer, |a| matches!(a, TagsAnswer::Stored(_)));
+        answer
+    }
+
+    /// The referrers of `digest` in the target repository: the upstream's, or while it is
+    /// out, the ones stored here. An upstream without the referrers API answers
+    /// `NotFound`, which the caller passes on (clients then use the tag schema).
+    pub async fn referrers(
         &self,
         t: &Target<'_>,
-        suffix: &str,
-    ) -> Result<UpstreamDocument, CacheError> {
-        let (ctx, _) = self.ctx(t)?;
-        Ok(ctx.client.document(t.remote, suffix).await?)
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<ReferrersAnswer, CacheError> {
+        let client = t.upstream.client();
+        let answer = match client.referrers(t.remote, digest, artifact_type).await {
+            Ok(referrers) => Ok(ReferrersAnswer::Upstream(referrers)),
+            Err(e) if e.is_outage() => match self.store.referrers(t.canonical, digest).await {
+                Ok(all) => {
+                    tracing::info!(
+                        upstream = t.upstream.name(),
+                        repo = %t.canonical,
+                        error = %e,
+                        "serving stored referrers"
+                    );
+                    let wanted = |r: &ReferrerRecord| {
+                        artifact_type.is_none_or(|a| r.artifact_type.as_deref() == Some(a))
+                    };
+                    Ok(ReferrersAnswer::Stored(
+                        all.into_iter().filter(wanted).collect(),
+                    ))
+                }
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        };
+        self.count_document(t, "referrers", &answer, |a| {
+            matches!(a, ReferrersAnswer::Stored(_))
+        });
+        answer
+    }
+
+    /// Counts a tag list or referrers answer: passed through (`miss`), stored (`stale`)
+    /// or failed.
+    fn count_document<A>(
+        &self,
+        t: &Target<'_>,
+        kind: &'static str,
+        answer: &Result<A, CacheError>,
+        stored: impl Fn(&A) -> bool,
+    ) {
+        let result = match answer {
+            Ok(a) if stored(a) => "stale",
+            Ok(_) => "miss",
+            Err(_) => "error",
+        };
+        self.metrics.cache_result(t.upstream.name(), kind, result);
     }
 }
 
@@ -580,7 +745,13 @@ async fn fetch_manifest(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use bytes::Bytes;
+
     use super::*;
+    use crate::config::Config;
+    use crate::upstream::testserver::{Seen, TestServer, respond};
 
     #[test]
     fn accept_classes() {
@@ -597,5 +768,250 @@ mod tests {
         assert_eq!(class, AcceptClass::SingleOnly);
         assert_eq!(up, DOCKER_MANIFEST);
         assert_eq!(accept_class(Some("text/html")).0, AcceptClass::Any);
+    }
+
+    const SBOM: &str = "application/vnd.example.sbom";
+
+    /// An image manifest and an SBOM whose subject it is, as an upstream serves them.
+    fn manifests() -> (Bytes, Bytes) {
+        let config = Digest::sha256_of(b"{}");
+        let image = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[]}}"#
+        );
+        let subject = Digest::sha256_of(image.as_bytes());
+        let sbom = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"{SBOM}","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{config}","size":2}},"layers":[],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{subject}","size":{}}}}}"#,
+            image.len()
+        );
+        (Bytes::from(image), Bytes::from(sbom))
+    }
+
+    /// A fake upstream serving repository `a/b` (tag `v1`, its SBOM, a tag list with a
+    /// next page and a referrers index); while `down`, it answers 503 to everything.
+    async fn upstream(down: Arc<AtomicBool>) -> TestServer {
+        let (image, sbom) = manifests();
+        let subject = Digest::sha256_of(&image);
+        let sbom_digest = Digest::sha256_of(&sbom);
+        TestServer::start(move |s: Seen| {
+            let (down, image, sbom) = (down.clone(), image.clone(), sbom.clone());
+            let (subject, sbom_digest) = (subject.clone(), sbom_digest.clone());
+            async move {
+                if down.load(Ordering::SeqCst) {
+                    return respond(503, &[], "down");
+                }
+                let manifest = |body: Bytes| {
+                    let digest = Digest::sha256_of(&body).to_string();
+                    respond(
+                        200,
+                        &[
+                            ("content-type", OCI_MANIFEST),
+                            ("docker-content-digest", &digest),
+                        ],
+                        body,
+                    )
+                };
+                match s.uri.as_str() {
+                    "/v2/a/b/tags/list?n=1" => respond(
+                        200,
+                        &[
+                            ("content-type", "application/json"),
+                            ("link", r#"</v2/a/b/tags/list?n=1&last=v1>; rel="next""#),
+                        ],
+                        r#"{"name":"a/b","tags":["v1"]}"#,
+                    ),
+                    "/v2/a/b/manifests/v1" => manifest(image),
+                    u if u == format!("/v2/a/b/manifests/{sbom_digest}") => manifest(sbom),
+                    u if u.starts_with(&format!("/v2/a/b/referrers/{subject}")) => {
+                        respond(200, &[("content-type", OCI_INDEX)], "{\"manifests\":[]}")
+                    }
+                    _ => respond(404, &[], "{}"),
+                }
+            }
+        })
+        .await
+    }
+
+    fn pull_through(url: &str, dir: &std::path::Path) -> (PullThrough, Arc<Metrics>) {
+        let config = Config::from_toml(&format!(
+            r#"
+            [server]
+            listen = ["127.0.0.1:5000"]
+            public_url = "http://outpost.site:5000"
+            [storage]
+            path = "{}"
+            [[upstream]]
+            name = "up.example"
+            url = "{url}"
+            "#,
+            dir.display()
+        ))
+        .expect("valid config");
+        let upstreams = Upstreams::new(&config).expect("upstreams");
+        let store = Store::open(dir, 1 << 20).expect("store");
+        let metrics = Arc::new(Metrics::new());
+        let pt = PullThrough::new(store, upstreams, metrics.clone(), None);
+        (pt, metrics)
+    }
+
+    fn name(s: &str) -> RepoName {
+        s.parse().expect("repo name")
+    }
+
+    fn counted(metrics: &Metrics, kind: &str, result: &str) -> bool {
+        metrics.encode().contains(&format!(
+            "outpost_cache_requests_total{{upstream=\"up.example\",kind=\"{kind}\",result=\"{result}\"}} 1"
+        ))
+    }
+
+    /// Tag lists and referrers pass through while the upstream answers (the tags `Link`
+    /// rewritten to our path), and are served from the store, counted stale, while it is
+    /// out; a repository with nothing stored stays unknown.
+    #[tokio::test]
+    async fn tags_and_referrers_fall_back_to_the_store_while_the_upstream_is_out() {
+        let down = Arc::new(AtomicBool::new(false));
+        let server = upstream(down.clone()).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (pt, metrics) = pull_through(&server.url(), dir.path());
+        let handle = pt
+            .upstreams()
+            .by_name("up.example")
+            .expect("configured")
+            .clone();
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let t = Target {
+            upstream: &handle,
+            remote: &remote,
+            canonical: &canonical,
+        };
+        let (image, sbom) = manifests();
+        let subject = Digest::sha256_of(&image);
+
+        let page = TagsPage {
+            n: Some(1),
+            last: None,
+        };
+        match pt.tags(&t, &page).await.expect("tags") {
+            TagsAnswer::Upstream(tags) => assert_eq!(
+                tags.link.as_deref(),
+                Some(r#"</v2/up.example/a/b/tags/list?n=1&last=v1>; rel="next""#)
+            ),
+            other => panic!("expected the upstream's page, got {other:?}"),
+        }
+        assert!(counted(&metrics, "tags", "miss"));
+        let referrers = pt.referrers(&t, &subject, None).await.expect("referrers");
+        assert!(matches!(referrers, ReferrersAnswer::Upstream(_)));
+
+        // Store the tag and the SBOM, as pulls through Outpost do.
+        let v1: Reference = "v1".parse().expect("tag");
+        pt.manifest(&t, &v1, None).await.expect("image");
+        let sbom_ref = Reference::Digest(Digest::sha256_of(&sbom));
+        pt.manifest(&t, &sbom_ref, None).await.expect("sbom");
+
+        down.store(true, Ordering::SeqCst);
+        match pt.tags(&t, &page).await.expect("stored tags") {
+            TagsAnswer::Stored(tags) => assert_eq!(tags, ["v1"]),
+            other => panic!("expected the stored tags, got {other:?}"),
+        }
+        assert!(counted(&metrics, "tags", "stale"));
+        for (filter, expected) in [(None, 1), (Some(SBOM), 1), (Some("other/type"), 0)] {
+            match pt.referrers(&t, &subject, filter).await.expect("stored") {
+                ReferrersAnswer::Stored(r) => assert_eq!(r.len(), expected, "{filter:?}"),
+                other => panic!("expected the stored referrers, got {other:?}"),
+            }
+        }
+        let unknown = name("up.example/never/pulled");
+        let remote = name("never/pulled");
+        let t = Target {
+            upstream: &handle,
+            remote: &remote,
+            canonical: &unknown,
+        };
+        let err = pt.tags(&t, &page).await.expect_err("nothing stored");
+        assert!(err.is_gone(), "{err}");
+        server.stop().await;
+    }
+
+    /// An upstream that answers "unknown" is not out: nothing stored is served instead.
+    #[tokio::test]
+    async fn an_upstream_404_is_passed_on_not_replaced_by_stored_tags() {
+        let server = upstream(Arc::new(AtomicBool::new(false))).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (pt, metrics) = pull_through(&server.url(), dir.path());
+        let handle = pt
+            .upstreams()
+            .by_name("up.example")
+            .expect("configured")
+            .clone();
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let t = Target {
+            upstream: &handle,
+            remote: &remote,
+            canonical: &canonical,
+        };
+        let v1: Reference = "v1".parse().expect("tag");
+        pt.manifest(&t, &v1, None).await.expect("image");
+        // The fake knows only `?n=1`: any other page is a 404.
+        let err = pt
+            .tags(&t, &TagsPage::default())
+            .await
+            .expect_err("unknown upstream");
+        assert!(err.is_gone(), "{err}");
+        assert!(counted(&metrics, "tags", "error"));
+        let err = pt
+            .referrers(&t, &Digest::sha256_of(b"nothing"), None)
+            .await
+            .expect_err("no referrers API");
+        assert!(err.is_gone(), "{err}");
+        server.stop().await;
+    }
+
+    /// A manifest the central registry serves Outpost's anonymous client teaches the
+    /// central login service that the repository is anonymous there; the lesson is a
+    /// tracked task that `close` waits for.
+    #[tokio::test]
+    async fn central_learning_is_done_when_close_returns() {
+        use crate::auth::central::Puller;
+        use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
+
+        let server = upstream(Arc::new(AtomicBool::new(false))).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (plain, metrics) = pull_through(&server.url(), dir.path());
+        let handle = plain
+            .upstreams()
+            .by_name("up.example")
+            .expect("configured")
+            .clone();
+        let rules = CentralRules {
+            ttl: Duration::from_secs(60),
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            offline_grace: Duration::from_secs(3600),
+        };
+        let central = CentralAuth::new(
+            handle.client().clone(),
+            handle.id(),
+            plain.store.clone(),
+            rules,
+            metrics.clone(),
+        )
+        .expect("central");
+        let central = Arc::new(central);
+        let pt = PullThrough::new(
+            plain.store.clone(),
+            plain.upstreams().clone(),
+            metrics,
+            Some(central.clone()),
+        );
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let t = Target {
+            upstream: &handle,
+            remote: &remote,
+            canonical: &canonical,
+        };
+        assert!(!central.may_list(Puller::Anonymous, &remote).await);
+        let v1: Reference = "v1".parse().expect("tag");
+        pt.manifest(&t, &v1, None).await.expect("image");
+        pt.close().await;
+        assert!(central.may_list(Puller::Anonymous, &remote).await);
+        server.stop().await;
     }
 }

@@ -193,22 +193,6 @@ impl Config {
         }
         out
     }
-
-    /// The upstream whose name or alias is `ns` (Docker Hub's historic hosts included).
-    pub fn upstream_by_ns(&self, ns: &str) -> Option<&UpstreamConfig> {
-        self.upstream_index(ns).and_then(|i| self.upstreams.get(i))
-    }
-
-    /// The position in [`Config::upstreams`] of the upstream `ns` names.
-    pub fn upstream_index(&self, ns: &str) -> Option<usize> {
-        let ns = match ns {
-            "index.docker.io" | "registry-1.docker.io" => "docker.io",
-            other => other,
-        };
-        self.upstreams
-            .iter()
-            .position(|u| u.name == ns || u.aliases.iter().any(|a| a == ns))
-    }
 }
 
 /// Collects every validation error while building a [`Config`].
@@ -637,11 +621,6 @@ mod tests {
     fn embedded_default_is_valid() {
         let c = Config::embedded_default().expect("default config must validate");
         assert_eq!(c.upstreams.len(), 3);
-        assert_eq!(
-            c.upstream_by_ns("index.docker.io").map(|u| u.name.as_str()),
-            Some("docker.io")
-        );
-        assert!(c.upstream_by_ns("example.com").is_none());
     }
 
     #[test]
@@ -683,11 +662,7 @@ bandwidth = "10MiB/s"
 "#;
         let c = Config::from_toml(text).expect("valid");
         assert_eq!(c.storage.max_size, Some(50 << 30));
-        assert_eq!(
-            c.upstream_by_ns("central.corp:5000")
-                .map(|u| u.name.as_str()),
-            Some("central.corp")
-        );
+        assert_eq!(c.upstreams[1].aliases, ["central.corp:5000"]);
         assert_eq!(c.mirrors[0].bandwidth, Some(10 << 20));
         assert_eq!(c.auth.central.as_deref(), Some("central.corp"));
         assert_eq!(c.auth.central_ttl, Duration::from_secs(120));

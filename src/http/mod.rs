@@ -27,14 +27,13 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::auth::central::CentralAuth;
 use crate::auth::{Access, Principal};
 use crate::cache::{PullThrough, Target};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
-use crate::namespace::{self, Namespace, NamespaceError};
 use crate::oci::ErrorCode;
 use crate::storage::Store;
+use crate::upstream::{Namespace, NamespaceError, UpstreamHandle};
 pub use body::Body;
 use body::FileSender;
 use error::ApiError;
@@ -54,9 +53,6 @@ pub struct StateInner {
     access: Access,
     cache: Arc<PullThrough>,
     metrics: Arc<Metrics>,
-    /// Cached central-registry logins, when `auth.central` names an upstream (for the
-    /// anonymous learning of pull-through).
-    central: Option<Arc<CentralAuth>>,
     next_id: AtomicU64,
 }
 
@@ -74,7 +70,6 @@ impl State {
         access: Access,
         cache: Arc<PullThrough>,
         metrics: Arc<Metrics>,
-        central: Option<Arc<CentralAuth>>,
     ) -> State {
         State {
             inner: Arc::new(StateInner {
@@ -83,7 +78,6 @@ impl State {
                 access,
                 cache,
                 metrics,
-                central,
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -111,12 +105,8 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
         let mut route = route::route(&method, &path, req.uri().query())?;
         route_name = route.name();
         let namespace = resolve(&state, &mut route, req.uri().query())?;
-        if let Namespace::Upstream { index, .. } = &namespace {
-            upstream_ns = state
-                .config
-                .upstreams
-                .get(*index)
-                .and_then(|u| HeaderValue::from_str(&u.name).ok());
+        if let Namespace::Upstream { upstream, .. } = &namespace {
+            upstream_ns = HeaderValue::from_str(upstream.name()).ok();
         }
         let principal = authenticate(&state, &req, peer).await?;
         subject = principal.subject().to_owned();
@@ -128,8 +118,8 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
         };
         match namespace {
             Namespace::Hosted => dispatch(&state, &ctx, route, req).await,
-            Namespace::Upstream { index, remote } => {
-                dispatch_upstream(&state, index, &remote, route, req).await
+            Namespace::Upstream { upstream, remote } => {
+                dispatch_upstream(&state, &upstream, &remote, route, req).await
             }
         }
     }
@@ -220,7 +210,9 @@ async fn authorize(
         return Ok(());
     };
     let central = match namespace {
-        Namespace::Upstream { index, remote } if state.access.is_central(*index) => Some(remote),
+        Namespace::Upstream { upstream, remote } if state.access.is_central(upstream.id()) => {
+            Some(remote)
+        }
         _ => None,
     };
     Ok(state
@@ -236,8 +228,11 @@ fn resolve(state: &State, route: &mut Route, query: Option<&str>) -> Result<Name
         return Ok(Namespace::Hosted);
     };
     let query = route::Query::parse(query)?;
-    let resolved =
-        namespace::resolve(&state.config, repo, query.get("ns")).map_err(|e| match e {
+    let resolved = state
+        .cache
+        .upstreams()
+        .resolve(repo, query.get("ns"))
+        .map_err(|e| match e {
             NamespaceError::UnknownNamespace(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, e.to_string())
             }
@@ -251,7 +246,7 @@ fn resolve(state: &State, route: &mut Route, query: Option<&str>) -> Result<Name
 /// refused (pushes go to hosted repositories).
 async fn dispatch_upstream(
     state: &State,
-    index: usize,
+    upstream: &UpstreamHandle,
     remote: &crate::oci::RepoName,
     route: Route,
     req: Request<Incoming>,
@@ -269,7 +264,7 @@ async fn dispatch_upstream(
         return Err(ApiError::internal("upstream route without a repository"));
     };
     let t = Target {
-        index,
+        upstream,
         remote,
         canonical: &canonical,
     };

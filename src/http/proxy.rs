@@ -12,9 +12,9 @@ use super::body::{self, Body, FileSender};
 use super::error::ApiError;
 use super::registry::{self, BlobContent, blob_response, builder, finish, hv, manifest_response};
 use super::route::Page;
-use crate::cache::{BlobAnswer, CacheError, Source, Target};
+use crate::cache::{BlobAnswer, CacheError, ReferrersAnswer, TagsAnswer, Target};
 use crate::oci::{Digest, Reference};
-use crate::upstream::UpstreamError;
+use crate::upstream::{TagsPage, UpstreamError};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -25,41 +25,12 @@ pub async fn get_manifest(
     head: bool,
     accept: Option<&str>,
 ) -> Result<Response<Body>> {
-    let upstream = state.cache.upstream_name(t.index);
-    let answer = match state.cache.manifest(t, reference, accept).await {
-        Ok(a) => a,
-        Err(e) => {
-            state.metrics.cache_result(upstream, "manifest", "error");
-            return Err(manifest_error(e, reference));
-        }
-    };
-    let result = match answer.source {
-        Source::Hit => "hit",
-        Source::Fetched => "miss",
-        Source::Revalidated => "revalidated",
-        Source::Stale => "stale",
-    };
-    state.metrics.cache_result(upstream, "manifest", result);
-    if matches!(answer.source, Source::Fetched | Source::Revalidated) {
-        learn_anonymous(state, t);
-    }
-    if answer.coalesced {
-        state.metrics.coalesced(upstream);
-    }
+    let answer = state
+        .cache
+        .manifest(t, reference, accept)
+        .await
+        .map_err(|e| manifest_error(e, reference))?;
     manifest_response(answer.manifest, head)
-}
-
-/// The central registry just answered Outpost; if Outpost asked without credentials of
-/// its own, the repository is served anonymously there: remember it (in the background,
-/// off the response path) so that anonymous pulls keep working offline.
-fn learn_anonymous(state: &State, t: &Target<'_>) {
-    if let Some(central) = &state.central
-        && central.is_central(t.index)
-        && central.learns_anonymous()
-    {
-        let (central, remote) = (central.clone(), t.remote.clone());
-        tokio::spawn(async move { central.learn_anonymous(&remote).await });
-    }
 }
 
 fn manifest_error(e: CacheError, reference: &Reference) -> ApiError {
@@ -81,31 +52,14 @@ pub async fn get_blob(
     range: Option<&str>,
     sender: &FileSender,
 ) -> Result<Response<Body>> {
-    let upstream = state.cache.upstream_name(t.index);
-    let answer = match state.cache.blob(t, digest, head).await {
-        Ok(a) => a,
-        Err(e) => {
-            state.metrics.cache_result(upstream, "blob", "error");
-            return Err(match e {
-                CacheError::Upstream(UpstreamError::NotFound) => ApiError::blob_unknown(),
-                other => other.into(),
-            });
-        }
-    };
-    let (result, source, size) = match &answer {
-        BlobAnswer::Stored(b) => ("hit", "cache", Some(b.size)),
-        BlobAnswer::Remote { .. } => ("miss", "upstream", None),
-        BlobAnswer::Streaming(f) => ("miss", "upstream", f.size),
-    };
-    state.metrics.cache_result(upstream, "blob", result);
-    if let (false, Some(size)) = (head, size) {
-        state.metrics.served_bytes(upstream, source, size);
-    }
-    if let BlobAnswer::Streaming(f) = &answer
-        && f.joined
-    {
-        state.metrics.coalesced(upstream);
-    }
+    let answer = state
+        .cache
+        .blob(t, digest, head)
+        .await
+        .map_err(|e| match e {
+            CacheError::Upstream(UpstreamError::NotFound) => ApiError::blob_unknown(),
+            other => other.into(),
+        })?;
     match answer {
         BlobAnswer::Stored(blob) => {
             let content = BlobContent::File(Arc::new(blob.file));
@@ -132,58 +86,30 @@ pub async fn get_blob(
     }
 }
 
-/// Minimal percent-encoding for a query value we pass on.
-fn escape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// The tag list, from the upstream; the stored tags when the upstream is down.
+/// The tag list: the upstream's page, or the stored tags paged here.
 pub async fn tags(state: &State, t: &Target<'_>, page: &Page) -> Result<Response<Body>> {
-    let mut query = Vec::new();
-    if let Some(n) = page.n {
-        query.push(format!("n={n}"));
-    }
-    if let Some(last) = &page.last {
-        query.push(format!("last={}", escape(last)));
-    }
-    let suffix = if query.is_empty() {
-        "tags/list".to_owned()
-    } else {
-        format!("tags/list?{}", query.join("&"))
+    let upstream_page = TagsPage {
+        n: page.n,
+        last: page.last.clone(),
     };
-    match state.cache.document(t, &suffix).await {
-        Ok(doc) => {
+    match state.cache.tags(t, &upstream_page).await {
+        Ok(TagsAnswer::Upstream(tags)) => {
             let mut b = builder(StatusCode::OK).header(
                 header::CONTENT_TYPE,
-                hv(doc.content_type.as_deref().unwrap_or("application/json"))?,
+                hv(tags.content_type.as_deref().unwrap_or("application/json"))?,
             );
-            if let Some(link) = doc.link {
-                // The upstream's link names its own path; ours works with any client.
-                let link = link.replace(
-                    &format!("/v2/{}/", t.remote),
-                    &format!("/v2/{}/", t.canonical),
-                );
+            if let Some(link) = tags.link {
                 b = b.header(header::LINK, hv(&link)?);
             }
-            finish(b, body::full(doc.body))
+            finish(b, body::full(tags.body))
         }
-        Err(CacheError::Upstream(e)) if e.is_outage() => {
-            registry::tags(state, t.canonical, page).await
-        }
+        Ok(TagsAnswer::Stored(stored)) => registry::tags_response(t.canonical, stored, page),
         Err(CacheError::Upstream(UpstreamError::NotFound)) => Err(ApiError::name_unknown()),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Referrers, from the upstream; the stored ones when the upstream is down. A 404 (no
+/// Referrers: the upstream's index, or one made of the stored referrers. A 404 (no
 /// referrers API upstream) is passed on so clients fall back to the tag schema.
 pub async fn referrers(
     state: &State,
@@ -191,15 +117,11 @@ pub async fn referrers(
     digest: &Digest,
     artifact_type: Option<&str>,
 ) -> Result<Response<Body>> {
-    let suffix = match artifact_type {
-        Some(a) => format!("referrers/{digest}?artifactType={}", escape(a)),
-        None => format!("referrers/{digest}"),
-    };
-    match state.cache.document(t, &suffix).await {
-        Ok(doc) => {
+    match state.cache.referrers(t, digest, artifact_type).await {
+        Ok(ReferrersAnswer::Upstream(referrers)) => {
             let mut b = builder(StatusCode::OK).header(
                 header::CONTENT_TYPE,
-                hv(doc
+                hv(referrers
                     .content_type
                     .as_deref()
                     .unwrap_or(crate::oci::manifest::OCI_INDEX))?,
@@ -207,10 +129,10 @@ pub async fn referrers(
             if artifact_type.is_some() {
                 b = b.header("OCI-Filters-Applied", "artifactType");
             }
-            finish(b, body::full(doc.body))
+            finish(b, body::full(referrers.body))
         }
-        Err(CacheError::Upstream(e)) if e.is_outage() => {
-            registry::referrers(state, t.canonical, digest, artifact_type).await
+        Ok(ReferrersAnswer::Stored(stored)) => {
+            registry::referrers_response(stored, artifact_type.is_some())
         }
         Err(CacheError::Upstream(UpstreamError::NotFound)) => Err(ApiError::manifest_unknown()),
         Err(e) => Err(e.into()),

@@ -15,7 +15,9 @@ use super::{Ctx, State};
 use crate::auth::Action;
 use crate::oci::manifest::{Manifest, OCI_INDEX};
 use crate::oci::{Digest, ErrorCode, MAX_MANIFEST_BYTES, Reference, RepoName};
-use crate::storage::{FileRange, LinkOrigin, ManifestDeletion, PutManifest, StoredManifest};
+use crate::storage::{
+    FileRange, LinkOrigin, ManifestDeletion, PutManifest, ReferrerRecord, StoredManifest,
+};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -499,6 +501,15 @@ pub async fn tags(state: &State, repo: &RepoName, page: &Page) -> Result<Respons
         .tags(repo)
         .await?
         .ok_or_else(ApiError::name_unknown)?;
+    tags_response(repo, tags, page)
+}
+
+/// One page of `tags`, the sorted tags of `repo`.
+pub(super) fn tags_response(
+    repo: &RepoName,
+    tags: Vec<String>,
+    page: &Page,
+) -> Result<Response<Body>> {
     list_response(
         &format!("/v2/{repo}/tags/list"),
         "tags",
@@ -532,10 +543,18 @@ pub async fn referrers(
         .into_iter()
         .filter(|r| artifact_type.is_none_or(|a| r.artifact_type.as_deref() == Some(a)))
         .collect();
+    referrers_response(manifests, artifact_type.is_some())
+}
+
+/// The referrers index of `manifests`; `filtered` when they were chosen by artifact type.
+pub(super) fn referrers_response(
+    manifests: Vec<ReferrerRecord>,
+    filtered: bool,
+) -> Result<Response<Body>> {
     let json =
         serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
     let mut b = builder(StatusCode::OK).header(header::CONTENT_TYPE, OCI_INDEX);
-    if artifact_type.is_some() {
+    if filtered {
         b = b.header("OCI-Filters-Applied", "artifactType");
     }
     finish(b, body::full(json.to_string()))

@@ -8,14 +8,20 @@
 //! `cache` layer does) and verifies no digest (the caller hashes what it stores).
 //! Credentials and tokens never reach a log line or an error message. `user` checks a
 //! central-registry user's own credentials and access (never fetching content with them).
+//!
+//! [`Upstreams`] holds every configured upstream, built once: it finds one by name, alias
+//! or registry host, and resolves a requested repository to its [`Namespace`] (`namespace`).
 
 mod breaker;
 pub mod challenge;
+mod namespace;
+mod registry;
 mod token;
 mod user;
 
 #[cfg(test)]
 mod tests;
+/// Also serves the pull-through's tests as a fake upstream.
 #[cfg(test)]
 pub(crate) mod testserver;
 
@@ -41,12 +47,14 @@ use crate::config::UpstreamConfig;
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, Reference, RepoName};
 
 pub use self::breaker::BreakerState;
+pub use self::namespace::{Namespace, NamespaceError, Resolved};
+pub use self::registry::{UpstreamHandle, UpstreamId, Upstreams};
 pub use self::user::{LoginCheck, PullCheck, UserCredentials};
 
 /// Sent on every upstream request.
 pub const USER_AGENT: &str = concat!("outpost/", env!("CARGO_PKG_VERSION"));
 
-/// Largest body [`Upstream::document`] reads (tag lists, referrers).
+/// Largest tag list or referrers index [`Upstream::tags`] and [`Upstream::referrers`] read.
 pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Longest `Retry-After` obeyed: a bogus date must not shut an upstream out for days.
@@ -126,13 +134,34 @@ impl std::fmt::Debug for UpstreamBlob {
     }
 }
 
-/// A small JSON document (tag list, referrers index).
+/// Which page of a tag list to ask for: at most `n` tags after `last`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TagsPage {
+    pub n: Option<usize>,
+    pub last: Option<String>,
+}
+
+/// A page of an upstream's tag list, as the upstream sent it.
 #[derive(Debug, Clone)]
-pub struct UpstreamDocument {
+pub struct UpstreamTags {
     pub content_type: Option<String>,
-    /// The raw `Link` header (pagination).
+    /// The raw `Link` header: the next page, at the upstream's path.
     pub link: Option<String>,
     pub body: Bytes,
+}
+
+/// An upstream's referrers index of one manifest, as the upstream sent it.
+#[derive(Debug, Clone)]
+pub struct UpstreamReferrers {
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// A small JSON document's parts.
+struct Document {
+    content_type: Option<String>,
+    link: Option<String>,
+    body: Bytes,
 }
 
 /// For metrics and health checks.
@@ -341,17 +370,57 @@ impl Upstream {
             .await
     }
 
-    /// GET a small JSON document under `/v2/<repo>/`: `suffix` is e.g.
-    /// `tags/list?n=10&last=a` or `referrers/<digest>?artifactType=...`, validated and
-    /// escaped by the caller. The body is capped at [`MAX_DOCUMENT_BYTES`].
-    pub async fn document(
+    /// GET `/v2/<repo>/tags/list`, one `page` of it. The body is capped at
+    /// [`MAX_DOCUMENT_BYTES`].
+    pub async fn tags(
         &self,
         repo: &RepoName,
-        suffix: &str,
-    ) -> Result<UpstreamDocument, UpstreamError> {
+        page: &TagsPage,
+    ) -> Result<UpstreamTags, UpstreamError> {
+        let mut query = Vec::new();
+        if let Some(n) = page.n {
+            query.push(format!("n={n}"));
+        }
+        if let Some(last) = &page.last {
+            query.push(format!("last={}", escape(last)));
+        }
+        let tail = if query.is_empty() {
+            "tags/list".to_owned()
+        } else {
+            format!("tags/list?{}", query.join("&"))
+        };
+        let doc = self.document(repo, &tail).await?;
+        Ok(UpstreamTags {
+            content_type: doc.content_type,
+            link: doc.link,
+            body: doc.body,
+        })
+    }
+
+    /// GET `/v2/<repo>/referrers/<digest>`, filtered by `artifact_type` when given (an
+    /// upstream may ignore the filter). The body is capped at [`MAX_DOCUMENT_BYTES`].
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<UpstreamReferrers, UpstreamError> {
+        let tail = match artifact_type {
+            Some(a) => format!("referrers/{digest}?artifactType={}", escape(a)),
+            None => format!("referrers/{digest}"),
+        };
+        let doc = self.document(repo, &tail).await?;
+        Ok(UpstreamReferrers {
+            content_type: doc.content_type,
+            body: doc.body,
+        })
+    }
+
+    /// GET a small JSON document at `/v2/<repo>/<tail>`, `tail` already escaped.
+    async fn document(&self, repo: &RepoName, tail: &str) -> Result<Document, UpstreamError> {
         let call = Call {
             method: Method::GET,
-            url: self.inner.url(repo, suffix),
+            url: self.inner.url(repo, tail),
             repo,
             accept: None,
             range_from: 0,
@@ -365,7 +434,7 @@ impl Upstream {
                 let body = inner
                     .read_capped(resp, MAX_DOCUMENT_BYTES, "document")
                     .await?;
-                Ok(UpstreamDocument {
+                Ok(Document {
                     content_type,
                     link,
                     body,
@@ -835,6 +904,19 @@ fn body_stream(
             }
         }
     })
+}
+
+/// Percent-encodes a query value: everything but RFC 3986's unreserved characters.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {

@@ -819,7 +819,7 @@ async fn resume_requires_206_from_the_offset() {
 }
 
 #[tokio::test]
-async fn documents_return_content_type_and_link() {
+async fn tags_return_content_type_and_link() {
     let server = TestServer::start(|s: Seen| async move {
         assert_eq!(s.uri, "/v2/a/b/tags/list?n=2&last=x");
         respond(
@@ -833,16 +833,58 @@ async fn documents_return_content_type_and_link() {
     })
     .await;
     let up = Upstream::new(&config(&server.url())).expect("upstream");
-    let doc = up
-        .document(&repo("a/b"), "tags/list?n=2&last=x")
-        .await
-        .expect("doc");
+    let page = TagsPage {
+        n: Some(2),
+        last: Some("x".into()),
+    };
+    let doc = up.tags(&repo("a/b"), &page).await.expect("tags");
     assert_eq!(doc.content_type.as_deref(), Some("application/json"));
     assert_eq!(
         doc.link.as_deref(),
         Some(r#"</v2/a/b/tags/list?n=2&last=z>; rel="next""#)
     );
     assert_eq!(doc.body, r#"{"name":"a/b","tags":["y","z"]}"#.as_bytes());
+    server.stop().await;
+}
+
+/// Query values are escaped here, not by callers: a `last` tag or an artifact type with
+/// reserved characters must not change the query's meaning.
+#[tokio::test]
+async fn tags_and_referrers_escape_their_query() {
+    let server = TestServer::start(|_: Seen| async move {
+        respond(200, &[("content-type", "application/json")], "{}")
+    })
+    .await;
+    let up = Upstream::new(&config(&server.url())).expect("upstream");
+    let d = digest_of(b"subject");
+    up.tags(&repo("a/b"), &TagsPage::default())
+        .await
+        .expect("tags");
+    let page = TagsPage {
+        n: None,
+        last: Some("v1+x&n=9".into()),
+    };
+    up.tags(&repo("a/b"), &page).await.expect("tags");
+    up.referrers(&repo("a/b"), &d, None)
+        .await
+        .expect("referrers");
+    let sbom = up
+        .referrers(&repo("a/b"), &d, Some("application/vnd.example+json; v=1"))
+        .await
+        .expect("referrers");
+    assert_eq!(sbom.content_type.as_deref(), Some("application/json"));
+    let uris: Vec<String> = server.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(
+        uris,
+        [
+            "/v2/a/b/tags/list".to_owned(),
+            "/v2/a/b/tags/list?last=v1%2Bx%26n%3D9".to_owned(),
+            format!("/v2/a/b/referrers/{d}"),
+            format!(
+                "/v2/a/b/referrers/{d}?artifactType=application%2Fvnd.example%2Bjson%3B%20v%3D1"
+            ),
+        ]
+    );
     server.stop().await;
 }
 

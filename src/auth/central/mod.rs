@@ -27,7 +27,7 @@ mod rules;
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
 use crate::storage::{CentralDecisionRecord, CentralUserRecord, StorageError, Store, now_secs};
-use crate::upstream::{LoginCheck, PullCheck, Upstream, UserCredentials};
+use crate::upstream::{LoginCheck, PullCheck, Upstream, UpstreamId, UserCredentials};
 pub use rules::{CentralLogin, CentralRules, CentralUser, DEFAULT_NEGATIVE_TTL, valid_user_name};
 use rules::{
     Decision, LoginStep, Offline, RepoStep, cached_allows, credential_hash, credential_key,
@@ -118,8 +118,8 @@ type VerifiedCredential = ([u8; 32], [u8; 32]);
 /// Cached central-registry logins for one central upstream. Build once, share.
 pub struct CentralAuth {
     upstream: Upstream,
-    /// Index of the central upstream in the configuration.
-    index: usize,
+    /// The central upstream: requests routed there are central repositories.
+    id: UpstreamId,
     store: Store,
     rules: CentralRules,
     metrics: Arc<Metrics>,
@@ -140,18 +140,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl CentralAuth {
-    /// `upstream` is the client of the central upstream, `index` its position in the
-    /// configuration (requests routed there are central repositories).
+    /// `upstream` is the client of the central upstream, `id` its id (requests routed
+    /// there are central repositories).
     pub fn new(
         upstream: Upstream,
-        index: usize,
+        id: UpstreamId,
         store: Store,
         rules: CentralRules,
         metrics: Arc<Metrics>,
     ) -> Result<CentralAuth, getrandom::Error> {
         Ok(CentralAuth {
             upstream,
-            index,
+            id,
             store,
             rules,
             metrics,
@@ -164,9 +164,9 @@ impl CentralAuth {
         })
     }
 
-    /// Whether upstream `index` is the central registry.
-    pub fn is_central(&self, index: usize) -> bool {
-        index == self.index
+    /// Whether upstream `id` is the central registry.
+    pub fn is_central(&self, id: UpstreamId) -> bool {
+        id == self.id
     }
 
     /// Whether Outpost fetches from the central registry without credentials of its own,
