@@ -16,10 +16,10 @@ use crate::auth::{
     Access, AccessSettings, AuthSettings, Authenticator, DEFAULT_CAPACITY, FailureThrottle,
     RevocationSet, load_verifying_key,
 };
-use crate::cache::PullThrough;
 use crate::config::Config;
 use crate::http::{self, Listeners, TlsSettings};
 use crate::metrics::Metrics;
+use crate::pullthrough::PullThrough;
 use crate::storage::Store;
 use crate::systemd::Notifier;
 use crate::upstream::Upstreams;

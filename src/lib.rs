@@ -29,7 +29,6 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
-pub mod cache;
 pub mod cli;
 pub mod clientconfig;
 pub mod config;
@@ -37,6 +36,7 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
+pub mod pullthrough;
 pub mod storage;
 pub mod systemd;
 pub mod upstream;

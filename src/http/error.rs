@@ -8,9 +8,9 @@ use http::{HeaderName, HeaderValue, StatusCode};
 
 use super::route::RouteError;
 use crate::auth::AccessError;
-use crate::cache::CacheError;
 use crate::oci::manifest::ManifestError;
 use crate::oci::{ErrorCode, NameError};
+use crate::pullthrough::CacheError;
 use crate::storage::{PutManifestError, StorageError, UploadError};
 use crate::upstream::UpstreamError;
 

@@ -28,10 +28,10 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::auth::{Access, Principal};
-use crate::cache::{PullThrough, Target};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::oci::ErrorCode;
+use crate::pullthrough::{PullThrough, Target};
 use crate::storage::Store;
 use crate::upstream::{Namespace, NamespaceError, UpstreamHandle};
 pub use body::Body;

@@ -12,8 +12,8 @@ use super::body::{self, Body, FileSender};
 use super::error::ApiError;
 use super::registry::{self, BlobContent, blob_response, builder, finish, hv, manifest_response};
 use super::route::Page;
-use crate::cache::{BlobAnswer, CacheError, ReferrersAnswer, TagsAnswer, Target};
 use crate::oci::{Digest, Reference};
+use crate::pullthrough::{BlobAnswer, CacheError, ReferrersAnswer, TagsAnswer, Target};
 use crate::upstream::{TagsPage, UpstreamError};
 
 type Result<T> = std::result::Result<T, ApiError>;

@@ -5,7 +5,7 @@
 //! This module owns everything about speaking HTTP to an upstream, and it hides it:
 //! callers get [`UpstreamError`] classified by who failed and whether serving stale
 //! content can help — never a status code or a reqwest type. It stores nothing (the
-//! `cache` layer does) and verifies no digest (the caller hashes what it stores).
+//! `pullthrough` layer does) and verifies no digest (the caller hashes what it stores).
 //! Credentials and tokens never reach a log line or an error message. `user` checks a
 //! central-registry user's own credentials and access (never fetching content with them).
 //!

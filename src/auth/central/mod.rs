@@ -8,7 +8,7 @@
 //! locks so that concurrent requests cause one online check per login or per user and
 //! repository.
 //! The user's credentials are used only to ask the central registry about that user;
-//! content is always fetched with Outpost's own upstream credentials (`cache`).
+//! content is always fetched with Outpost's own upstream credentials (`pullthrough`).
 //!
 //! What is stored: the user name, a salted PBKDF2-HMAC-SHA256 of the credential
 //! (per-record random salt; never the password), when it was last confirmed, and per

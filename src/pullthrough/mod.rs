@@ -314,7 +314,7 @@ impl PullThrough {
             fetch_manifest(&ctx, &reference, ACCEPT_ANY, None).await
         });
         let coalesced = waiter.joined;
-        let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Internal))?;
+        let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Abandoned))?;
         Ok(ManifestAnswer {
             manifest,
             source: Source::Fetched,
@@ -365,7 +365,7 @@ impl PullThrough {
         });
         let coalesced = waiter.joined;
         let Some(stale) = stored else {
-            let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Internal))?;
+            let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Abandoned))?;
             self.fresh.put(key, manifest.clone(), now_secs());
             return Ok(ManifestAnswer {
                 manifest,
