@@ -675,3 +675,35 @@ fn dir_size(dir: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+/// Regression: the cause of a 5xx was never logged (the request line had the status
+/// only). Now the failure is logged once, inside the request's span, with its cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_request_logs_its_cause_once_in_its_span() {
+    let dir = tmp();
+    let fake = FakeUpstream::start();
+    fake.add_image("library/gone", "1", 1, &[1000]);
+    let server = outpost_for(dir.path(), &fake.url(), "connect_timeout = \"1s\"", "");
+    fake.set_down(true);
+    let r = get(&server, "/v2/docker.io/library/gone/manifests/1").await;
+    assert_eq!(r.status(), 503);
+    let logs = server.logs();
+    let failures: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("outpost::http: request failed"))
+        .collect();
+    assert_eq!(failures.len(), 1, "{logs}");
+    let line = failures[0];
+    for field in [
+        "request{id=",
+        "route=\"get_manifest\"",
+        "repo=\"docker.io/library/gone\"",
+        "upstream=\"docker.io\"",
+        "principal=\"anonymous\"",
+        "status=503",
+        "cause=",
+        "Connection refused",
+    ] {
+        assert!(line.contains(field), "{field} missing in: {line}");
+    }
+}

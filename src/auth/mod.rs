@@ -85,6 +85,17 @@ impl Principal {
         }
     }
 
+    /// What kind of caller this is, for logs and spans: `anonymous`, `key`, `token` or
+    /// `central`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Principal::Anonymous => "anonymous",
+            Principal::Key(_) => "key",
+            Principal::Token(_) => "token",
+            Principal::Central(_) => "central",
+        }
+    }
+
     /// The id of the API key behind this principal, if any.
     pub fn key_id(&self) -> Option<&str> {
         match self {

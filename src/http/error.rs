@@ -22,6 +22,25 @@ pub struct ApiError {
     pub message: String,
     pub detail: Option<serde_json::Value>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// For our own failures: what went wrong, with its source chain. Logged once at the
+    /// request boundary, never sent to the client.
+    pub cause: Option<String>,
+}
+
+/// An error and its sources, outermost first, without repeating a source whose text the
+/// error already showed.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 impl ApiError {
@@ -32,7 +51,14 @@ impl ApiError {
             message: message.into(),
             detail: None,
             headers: Vec::new(),
+            cause: None,
         }
+    }
+
+    /// Records our own failure behind this answer (see [`ApiError::cause`]).
+    pub fn caused_by(mut self, e: &dyn std::error::Error) -> ApiError {
+        self.cause = Some(chain(e));
+        self
     }
 
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
@@ -178,8 +204,9 @@ fn storage_error(e: &StorageError) -> ApiError {
             ErrorCode::Unavailable,
             "storage is full",
         )
+        .caused_by(e)
     } else {
-        ApiError::internal(e.to_string())
+        ApiError::internal(e.to_string()).caused_by(e)
     }
 }
 
@@ -295,5 +322,28 @@ impl From<ManifestError> for ApiError {
             ErrorCode::ManifestInvalid,
             e.to_string(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cause_of_a_storage_failure_keeps_its_source_and_is_never_sent() {
+        let io = std::io::Error::other("disk on fire");
+        let e = ApiError::from(StorageError::Io(io));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        let cause = e.cause.as_deref().expect("a cause");
+        assert!(cause.contains("disk on fire"), "{cause}");
+        // The source's text is shown once, not repeated by the chain.
+        assert_eq!(cause.matches("disk on fire").count(), 1, "{cause}");
+        let body = String::from_utf8_lossy(&e.body()).into_owned();
+        assert!(!body.contains("cause"), "{body}");
+        let full = ApiError::from(StorageError::Io(std::io::Error::from(
+            std::io::ErrorKind::StorageFull,
+        )));
+        assert_eq!(full.status, StatusCode::INSUFFICIENT_STORAGE);
+        assert!(full.cause.is_some_and(|c| c.contains("storage")));
     }
 }

@@ -26,6 +26,8 @@ use std::time::Instant;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::auth::{Access, Principal};
 use crate::config::Config;
@@ -101,14 +103,31 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
     let mut route_name = "unrouted";
     let mut subject = String::from("-");
     let mut upstream_ns: Option<HeaderValue> = None;
+    // Everything logged while this request is handled carries these fields; never a
+    // credential (the principal is a kind, the subject a name).
+    let span = tracing::info_span!(
+        "request",
+        id,
+        route = Empty,
+        repo = Empty,
+        upstream = Empty,
+        principal = Empty,
+    );
     let result = async {
         let mut route = route::route(&method, &path, req.uri().query())?;
         route_name = route.name();
+        let span = tracing::Span::current();
+        span.record("route", route_name);
         let namespace = resolve(&state, &mut route, req.uri().query())?;
+        if let Some((repo, _)) = route.scope() {
+            span.record("repo", repo.as_str());
+        }
         if let Namespace::Upstream { upstream, .. } = &namespace {
+            span.record("upstream", upstream.name());
             upstream_ns = HeaderValue::from_str(upstream.name()).ok();
         }
         let principal = authenticate(&state, &req, peer).await?;
+        span.record("principal", principal.kind());
         subject = principal.subject().to_owned();
         authorize(&state, &route, &namespace, &principal).await?;
         let ctx = Ctx {
@@ -123,10 +142,21 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
             }
         }
     }
+    .instrument(span.clone())
     .await;
     let mut response = match result {
         Ok(r) => r,
-        Err(e) => error_response(e),
+        Err(e) => {
+            if e.status.is_server_error() {
+                // The one place a failure of ours is logged, with its cause; the client
+                // got the OCI error only.
+                let cause = e.cause.as_deref().unwrap_or(&e.message);
+                span.in_scope(|| {
+                    tracing::warn!(status = e.status.as_u16(), cause, "request failed");
+                });
+            }
+            error_response(e)
+        }
     };
     if let Some(ns) = upstream_ns {
         response.headers_mut().insert("OCI-Namespace", ns);
@@ -151,19 +181,21 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
     let headers_ms = elapsed.as_secs_f64() * 1000.0;
     response.map(|b| {
         body::on_done(b, move |bytes, complete| {
-            tracing::info!(
-                request_id = id,
-                %method,
-                path = %path,
-                route = route_name,
-                principal = %subject,
-                status,
-                bytes,
-                complete,
-                headers_ms,
-                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-                "request"
-            );
+            span.in_scope(|| {
+                tracing::info!(
+                    request_id = id,
+                    %method,
+                    path = %path,
+                    route = route_name,
+                    principal = %subject,
+                    status,
+                    bytes,
+                    complete,
+                    headers_ms,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "request"
+                );
+            });
         })
     })
 }
