@@ -1,6 +1,6 @@
 //! The local admin channel: commands on the store (`key revoke`, `key list`, recording an
 //! issued key, `gc`, `fsck`) reach a running daemon through a unix socket in the storage
-//! directory, because redb allows one process per database (PRODUCT.md §7).
+//! directory, because redb allows one process per database.
 //!
 //! The socket is created with mode 0600, so only the daemon's own user (and root) can
 //! use it: file permissions are the authentication. One JSON line each way per

@@ -155,6 +155,13 @@ pub enum KeyCommand {
     },
 }
 
+// These doc comments are `--help` text, which clap prints verbatim: `<registry>`,
+// `[[registry]]` and bare URLs are meant for the terminal, not rustdoc markup.
+#[allow(
+    rustdoc::invalid_html_tags,
+    rustdoc::broken_intra_doc_links,
+    rustdoc::bare_urls
+)]
 #[derive(Subcommand, Debug)]
 pub enum ClientConfigCommand {
     /// Write containerd hosts.toml files that pull every configured upstream through Outpost

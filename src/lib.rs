@@ -1,42 +1,55 @@
 //! Outpost: a pull-through caching edge mirror for container images.
 //!
 //! # Layout
+//! The public surface is what the `outpost` binary and the integration tests use:
+//! [`app`] (the daemon), [`cli`], [`config`], [`oci`], [`systemd`] and a few re-exports.
+//! Everything else is crate-private, so rustc reports what nothing uses.
+//!
 //! - [`oci`]: pure protocol vocabulary (digests, names, references, manifests, error codes).
 //! - [`config`]: the TOML file and its validation into an immutable `Config`.
-//! - [`storage`]: blob files, redb metadata, uploads, gc and fsck.
-//! - [`auth`]: every access decision behind one service: principals, signed API keys,
-//!   tokens, access policy, revocation; `auth::central` (cached central-registry logins:
-//!   online checks, durable answers, grace) and `auth::keyring` (the durable side of API
-//!   keys: revocations from the CLI and the revocation file, known keys and their last
-//!   use, `key list`).
-//! - [`mirror`]: scheduled mirroring: jobs, tag selection, platforms and schedules (the
-//!   engine that runs them is not built yet).
-//! - [`upstream`]: the registry of configured upstreams (lookup by name, alias or host;
-//!   where a requested repository lives) and their clients (token flow, redirects,
-//!   timeouts, circuit breaker).
-//! - [`http`]: routing, the request pipeline, error mapping, listeners and TLS.
-//! - [`admin`]: the local admin socket through which CLI commands reach a running daemon.
-//! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
-//! - [`clientconfig`]: containerd `hosts.toml` files and `registries.conf` entries that
+//! - `storage`: the one blob writer (temp file, hash, verify, fsync, rename), blob files,
+//!   redb metadata (every table in `storage::schema`), uploads, eviction, gc and fsck.
+//! - `upstream`: the registry of configured upstreams (lookup by name, alias or host;
+//!   where a requested repository lives, `upstream::namespace`) and their clients (token
+//!   flow, redirects, timeouts, circuit breaker, typed tags and referrers).
+//! - `pullthrough`: answering upstream repositories from the store or the upstream:
+//!   freshness and stale fallback for every kind of document, coalescing (`singleflight`,
+//!   downloads in flight by digest in `flight`), its metrics and central learning.
+//! - `auth`: every access decision behind one service (`auth::Access`): principals,
+//!   signed API keys, tokens, access policy, revocation, the failed-login throttle;
+//!   `auth::central` (cached central-registry logins) and `auth::keyring` (the durable
+//!   side of API keys: revocation file, known keys and their last use, `key list`).
+//! - `mirror`: scheduled mirroring: validated jobs, tag selection, platforms, schedules
+//!   (the engine that runs them is not built yet).
+//! - `http`: routing, the request pipeline (one span per request), the one error mapping,
+//!   listeners and TLS. It parses, calls one service, and maps the answer.
+//! - `metrics`: the Prometheus registry every module counts into.
+//! - `admin`: the local admin socket through which CLI commands reach a running daemon.
+//! - `clientconfig`: containerd `hosts.toml` files and `registries.conf` entries that
 //!   point nodes at Outpost, generated from the configured upstreams (pure text).
+//! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
 //! - [`systemd`]: sd_notify (ready, reload, stop, watchdog) and journald or stderr logs.
 //!
 //! # Dependency direction
-//! `oci` depends on nothing. Domain modules (`auth`, `storage`, ...) never see hyper types
-//! or HTTP status codes. `upstream` speaks HTTP to registries but hides it: its API has no
+//! `oci` depends on nothing. Domain modules (`auth`, `storage`, `pullthrough`, `mirror`,
+//! ...) never see hyper types or HTTP status codes. `upstream` speaks HTTP to registries but hides it: its API has no
 //! HTTP types or status codes, only classified errors. Nothing depends on `http` or `app`.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
-pub mod auth;
+pub(crate) mod auth;
 pub mod cli;
-pub mod clientconfig;
+pub(crate) mod clientconfig;
 pub mod config;
-pub mod http;
-pub mod metrics;
-pub mod mirror;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod mirror;
 pub mod oci;
-pub mod pullthrough;
-pub mod storage;
+pub(crate) mod pullthrough;
+pub(crate) mod storage;
 pub mod systemd;
-pub mod upstream;
+pub(crate) mod upstream;
+
+pub use auth::decode_unverified;
+pub use http::Listeners;
+pub use upstream::install_crypto_provider;

@@ -1,4 +1,4 @@
-//! Prometheus metrics (PRODUCT.md §8): the registry, every metric family Outpost
+//! Prometheus metrics: the registry, every metric family Outpost
 //! exports, and the text exposition served at `/metrics`.
 //!
 //! Labels are closed sets (route names, result kinds, configured upstream names), never

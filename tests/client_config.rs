@@ -74,7 +74,7 @@ fn all_files(dir: &Path) -> Vec<String> {
 }
 
 /// One hosts.toml per upstream name and alias; a second run rewrites nothing (same inode),
-/// a file changed by hand is put back; PRODUCT's `--out`/`--mirror-url` spellings work.
+/// a file changed by hand is put back; the documented `--out`/`--mirror-url` spellings work.
 #[test]
 fn containerd_files_are_written_once_per_registry_host() {
     let dir = tmp();
@@ -223,7 +223,7 @@ fn containerd_key_header_stays_private() {
         !stdout.contains(&key) && !stderr.contains(&key),
         "{stdout}{stderr}"
     );
-    let claims = outpost::auth::decode_unverified(&key).expect("key");
+    let claims = outpost::decode_unverified(&key).expect("key");
     assert!(
         stdout.contains(&claims.id),
         "the report names the key's id: {stdout}"

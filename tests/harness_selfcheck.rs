@@ -19,7 +19,7 @@ fn tmp() -> tempfile::TempDir {
 }
 
 fn client_no_redirects() -> reqwest::Client {
-    outpost::upstream::install_crypto_provider();
+    outpost::install_crypto_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
@@ -446,7 +446,7 @@ async fn fake_upstream_faults() {
 
     // Stall before the headers: nothing comes until released.
     fake.set_fault(&path, Fault::Stall);
-    outpost::upstream::install_crypto_provider();
+    outpost::install_crypto_provider();
     let quick = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
         .build()

@@ -51,10 +51,6 @@ impl RevocationSet {
         self.read().len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.read().is_empty()
-    }
-
     /// Every revoked id, sorted (for listing).
     pub fn ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.read().iter().cloned().collect();

@@ -61,6 +61,7 @@ impl KeyUsage {
     }
 
     /// How many keys wait for the next flush.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.batch().len()
     }

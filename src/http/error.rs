@@ -246,7 +246,6 @@ impl From<CacheError> for ApiError {
                 )
             }
             CacheError::Storage(s) => storage_error(&s),
-            CacheError::Internal => ApiError::internal("pull-through cache failure"),
             CacheError::Abandoned => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,

@@ -585,7 +585,9 @@ mod tests {
             tokio::spawn(async move {
                 let follower = flights.follow(fetch).await?;
                 let joined = follower.joined;
-                let body = read_all(follower).await.map_err(|_| CacheError::Internal)?;
+                let body = read_all(follower)
+                    .await
+                    .map_err(|_| CacheError::Abandoned)?;
                 Ok::<_, CacheError>((joined, body))
             })
         };
@@ -653,7 +655,7 @@ mod tests {
             tokio::spawn(async move {
                 read_all(flights.follow(fetch).await?)
                     .await
-                    .map_err(|_| CacheError::Internal)
+                    .map_err(|_| CacheError::Abandoned)
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;

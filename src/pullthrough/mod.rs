@@ -59,8 +59,6 @@ pub enum CacheError {
     Invalid(String),
     #[error(transparent)]
     Storage(Arc<StorageError>),
-    #[error("internal error in the pull-through cache")]
-    Internal,
     /// The upstream fetch this request waited for died without an answer (it panicked
     /// or was cancelled); the next request starts a new one.
     #[error("the upstream fetch was abandoned")]

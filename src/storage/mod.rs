@@ -40,14 +40,13 @@ use crate::oci::{Digest, Hasher, Reference, RepoName, Tag};
 use files::BlobFiles;
 use schema::*;
 
-pub use eviction::EvictReport;
 pub use fetched::FetchedManifest;
 pub use files::FileRange;
 pub use maintenance::{FsckReport, GcReport};
 pub use schema::{CentralDecisionRecord, CentralUserRecord, KeyRecord, LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
-pub use upstream_tags::{AcceptClass, TagFreshness};
-pub use writer::{BlobWriter, GrowingBlob, StreamError, VerifiedBlob, WriteError};
+pub use upstream_tags::AcceptClass;
+pub use writer::{GrowingBlob, StreamError, WriteError};
 
 /// A failure of the store itself (disk, database); always the server's fault.
 #[derive(Debug, thiserror::Error)]
@@ -263,15 +262,6 @@ impl Store {
     }
 
     /// Size of `digest` if repository `repo` may serve it.
-    pub async fn blob_size(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Option<u64>, StorageError> {
-        let (repo, digest) = (repo.clone(), digest.clone());
-        self.blocking(move |i| i.linked_blob(&repo, &digest)).await
-    }
-
     /// Opens `digest` for reading if repository `repo` may serve it.
     pub async fn open_blob(
         &self,
@@ -369,23 +359,6 @@ impl Store {
     }
 
     /// The digest `tag` points to in `repo`.
-    pub async fn tag_digest(
-        &self,
-        repo: &RepoName,
-        tag: &Tag,
-    ) -> Result<Option<Digest>, StorageError> {
-        let (repo, tag) = (repo.clone(), tag.clone());
-        self.blocking(move |i| {
-            let txn = i.db.begin_read()?;
-            let tags = txn.open_table(TAGS)?;
-            let Some(v) = tags.get((repo.as_str(), tag.as_str()))? else {
-                return Ok(None);
-            };
-            Ok(Some(tag_target(v.value())?))
-        })
-        .await
-    }
-
     /// Removes a tag (not the manifest). Returns whether it existed.
     pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, StorageError> {
         let (repo, tag) = (repo.clone(), tag.clone());
@@ -462,18 +435,6 @@ impl Store {
     }
 
     /// Whether `repo` holds anything.
-    pub async fn repo_exists(&self, repo: &RepoName) -> Result<bool, StorageError> {
-        let repo = repo.clone();
-        self.blocking(move |i| {
-            Ok(i.db
-                .begin_read()?
-                .open_table(REPOS)?
-                .get(repo.as_str())?
-                .is_some())
-        })
-        .await
-    }
-
     /// Durably records a revoked API key id. Returns whether it was new. Blocking.
     pub fn revoke_key_blocking(&self, id: &str) -> Result<bool, StorageError> {
         let txn = self.inner.db.begin_write()?;

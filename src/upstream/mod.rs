@@ -47,7 +47,7 @@ use crate::config::UpstreamConfig;
 use crate::oci::{Digest, MAX_MANIFEST_BYTES, Reference, RepoName};
 
 pub use self::breaker::BreakerState;
-pub use self::namespace::{Namespace, NamespaceError, Resolved};
+pub use self::namespace::{Namespace, NamespaceError};
 pub use self::registry::{UpstreamHandle, UpstreamId, Upstreams};
 pub use self::user::{LoginCheck, PullCheck, UserCredentials};
 
@@ -113,8 +113,6 @@ pub struct UpstreamManifest {
     pub digest: Option<Digest>,
     /// `Content-Type` without parameters.
     pub media_type: Option<String>,
-    /// `Content-Length` (for GET: the length of `body`).
-    pub size: Option<u64>,
     pub body: Bytes,
 }
 
@@ -261,13 +259,14 @@ impl Upstream {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
     /// The base URL requests go to.
+    #[cfg(test)]
     pub fn url(&self) -> &str {
         &self.inner.base
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
     }
 
     /// GET or HEAD `/v2/<repo>/manifests/<reference>` with `Accept: <accept>`. `repo` is
@@ -299,7 +298,6 @@ impl Upstream {
                     return Ok(UpstreamManifest {
                         digest,
                         media_type,
-                        size: content_length(headers),
                         body: Bytes::new(),
                     });
                 }
@@ -309,7 +307,6 @@ impl Upstream {
                 Ok(UpstreamManifest {
                     digest,
                     media_type,
-                    size: Some(body.len() as u64),
                     body,
                 })
             })

@@ -213,7 +213,6 @@ async fn token_flow_fetches_once_reuses_and_goes_up_front_for_new_scopes() {
             m.media_type.as_deref(),
             Some("application/vnd.oci.image.manifest.v1+json")
         );
-        assert_eq!(m.size, Some(MANIFEST.len() as u64));
     }
     // One token for two requests: 401, retry with the token, then the token up front.
     assert_eq!(realm.count("/token"), 1);
@@ -779,7 +778,6 @@ async fn manifest_head_reports_headers_without_body() {
         .await
         .expect("head");
     assert_eq!(m.digest, Some(d.clone()));
-    assert_eq!(m.size, Some(19));
     assert_eq!(
         m.media_type.as_deref(),
         Some("application/vnd.oci.image.index.v1+json")

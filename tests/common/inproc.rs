@@ -15,9 +15,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use outpost::Listeners;
 use outpost::app::Daemon;
 use outpost::config::Config;
-use outpost::http::Listeners;
 
 /// A daemon running in this process.
 pub struct InProcess {

@@ -425,8 +425,8 @@ pub fn layout_blobs(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 }
 
 pub fn client() -> reqwest::Client {
-    // reqwest is built without a crypto provider of its own (see `outpost::upstream`).
-    outpost::upstream::install_crypto_provider();
+    // reqwest is built without a crypto provider of its own (see `outpost::install_crypto_provider`).
+    outpost::install_crypto_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()

@@ -1,4 +1,4 @@
-//! Locally cached central-registry logins (PRODUCT.md §5): checks a central user's
+//! Locally cached central-registry logins: checks a central user's
 //! password and per-repository access at the central registry, remembers the answers
 //! durably, and answers from them while the central registry is unreachable.
 //!

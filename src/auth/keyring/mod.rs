@@ -327,7 +327,7 @@ mod tests {
             actions: crate::auth::Actions::PULL,
             ttl: Duration::from_secs(3600),
         };
-        let signing = crate::auth::SigningKey::from_bytes(&[7; 32]);
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
         let (_, claims) = crate::auth::issue_key(&signing, &request, std::time::SystemTime::now())
             .expect("issued");
         let claims = std::sync::Arc::new(claims);
