@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Builds an OCI image layout of Outpost without a container engine: one gzipped layer
-# holding the release binary, the shared libraries it links (glibc and libgcc_s, copied
-# from this machine), a CA bundle and a default config, plus the config JSON, manifest,
-# index.json and oci-layout that skopeo, containerd, podman and registries read.
+# holding the release binary without its debug sections, the shared libraries it links
+# (glibc and libgcc_s, copied from this machine), a CA bundle and a default config, plus
+# the config JSON, manifest, index.json and oci-layout that skopeo, containerd, podman
+# and registries read.
 #
 # The result is reproducible: the same binary and the same host libraries give the same
-# digests (fixed mtimes, sorted entries, numeric owners, gzip without name or time).
+# digests (objcopy's output depends only on its input; fixed mtimes, sorted entries,
+# numeric owners, gzip without name or time).
 #
 # Usage: image/build-oci.sh [--binary FILE] [--out DIR] [--tag TAG]
 #   --binary FILE  use this binary instead of running `cargo build --release --locked`
@@ -44,7 +46,7 @@ if [[ -e $out ]] && [[ ! -f $out/oci-layout ]] && [[ -n $(ls -A "$out") ]]; then
     exit 1
 fi
 
-for tool in tar gzip sha256sum ldd; do
+for tool in tar gzip sha256sum ldd objcopy; do
     command -v "$tool" >/dev/null 2>&1 || { echo "build-oci.sh: $tool is required" >&2; exit 1; }
 done
 
@@ -74,7 +76,13 @@ trap 'rm -rf "$work"' EXIT
 root="$work/rootfs"
 mkdir -p "$root"/{usr/local/bin,etc/outpost,etc/ssl/certs,var/lib/outpost,tmp}
 
-install -m 0755 "$binary" "$root/usr/local/bin/outpost"
+# The release profile keeps line tables for readable backtraces: about 50 MB of a 66 MB
+# binary. The image gets a copy without debug sections (about 17 MB); it keeps the symbol
+# table, so a panic's backtrace still names functions, and the GNU build-id note, which
+# ties it to the unstripped binary for symbolizing. The binary itself stays as built.
+objcopy --strip-debug "$binary" "$root/usr/local/bin/outpost"
+chmod 0755 "$root/usr/local/bin/outpost"
+shipped="$root/usr/local/bin/outpost"
 
 # The binary links glibc dynamically (a musl target is not assumed to be installed, and
 # a static glibc breaks name resolution through NSS), so the libraries it needs ride
@@ -103,13 +111,13 @@ printf 'root:x:0:\noutpost:x:%s:\n' "$uid" >"$root/etc/group"
 printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$root/etc/nsswitch.conf"
 printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$root/etc/hosts"
 
-# The embedded default config with its data directory moved to the volume; the binary
-# itself checks the result.
-"$binary" config default |
+# The embedded default config with its data directory moved to the volume; the shipped
+# (stripped) binary writes it and checks the result, so it is known to run.
+"$shipped" config default |
     sed 's|^path = "./outpost-data"|path = "/var/lib/outpost"|' >"$root/etc/outpost/outpost.toml"
 grep -q '^path = "/var/lib/outpost"' "$root/etc/outpost/outpost.toml" ||
     { echo "build-oci.sh: could not set storage.path in the default config" >&2; exit 1; }
-"$binary" config check --config "$root/etc/outpost/outpost.toml" >/dev/null
+"$shipped" config check --config "$root/etc/outpost/outpost.toml" >/dev/null
 
 find "$root" -type d -exec chmod 0755 {} +
 find "$root/etc" -type f -exec chmod 0644 {} +
@@ -173,5 +181,6 @@ printf '%s' \
 printf '%s' '{"imageLayoutVersion":"1.0.0"}' >"$out/oci-layout"
 
 echo "wrote $out (tag $tag)"
+echo "  binary   $(stat -c %s "$binary") bytes built, $(stat -c %s "$shipped") bytes shipped (debug sections stripped)"
 echo "  manifest sha256:$manifest_digest"
 echo "  layer    sha256:$layer_digest ($layer_size bytes gzipped)"
