@@ -22,6 +22,7 @@
 //!
 //! This module knows nothing of HTTP; the `http` layer maps its answers and errors.
 
+mod clock;
 mod flight;
 mod fresh;
 mod singleflight;
@@ -37,12 +38,12 @@ use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, Manifest, OCI_INDEX, OC
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::storage::{
     AcceptClass, BlobHandle, FetchedManifest, ReferrerRecord, StorageError, Store, StoredManifest,
-    now_secs,
 };
 use crate::upstream::{
     BreakerState, TagsPage, Upstream, UpstreamError, UpstreamHandle, UpstreamReferrers,
     UpstreamTags, Upstreams,
 };
+use clock::Clock;
 pub use flight::Follower;
 use flight::{Fetch, Flights};
 use fresh::FreshTags;
@@ -155,6 +156,8 @@ pub struct PullThrough {
     learner: Option<Arc<CentralAuth>>,
     /// Background work started by requests (central learning); waited for on close.
     tasks: TaskTracker,
+    /// The time tag answers are judged fresh at.
+    clock: Clock,
 }
 
 /// Every manifest media type, index types first: what we ask upstreams for on behalf of
@@ -220,6 +223,7 @@ impl PullThrough {
             metrics,
             learner: central.filter(|c| c.learns_anonymous()),
             tasks: TaskTracker::new(),
+            clock: Clock::new(),
         }
     }
 
@@ -330,7 +334,7 @@ impl PullThrough {
         let ctx = self.ctx(t);
         let key = (t.canonical.to_string(), tag.to_string(), class);
         let ttl = t.upstream.tag_ttl().as_secs();
-        if let Some(manifest) = self.fresh.get(&key, ttl, now_secs()) {
+        if let Some(manifest) = self.fresh.get(&key, ttl, self.clock.now_secs()) {
             return Ok(ManifestAnswer {
                 manifest,
                 source: Source::Hit,
@@ -347,7 +351,7 @@ impl PullThrough {
             None => None,
         };
         if let (Some(f), Some(manifest)) = (&known, &stored)
-            && now_secs() < f.validated_at.saturating_add(ttl)
+            && self.clock.now_secs() < f.validated_at.saturating_add(ttl)
         {
             self.fresh.put(key, manifest.clone(), f.validated_at);
             return Ok(ManifestAnswer {
@@ -364,7 +368,7 @@ impl PullThrough {
         let coalesced = waiter.joined;
         let Some(stale) = stored else {
             let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Abandoned))?;
-            self.fresh.put(key, manifest.clone(), now_secs());
+            self.fresh.put(key, manifest.clone(), self.clock.now_secs());
             return Ok(ManifestAnswer {
                 manifest,
                 source: Source::Fetched,
@@ -374,7 +378,7 @@ impl PullThrough {
         let outcome = tokio::time::timeout(t.upstream.revalidate_wait(), waiter.wait()).await;
         match outcome {
             Ok(Some(Ok(manifest))) => {
-                self.fresh.put(key, manifest.clone(), now_secs());
+                self.fresh.put(key, manifest.clone(), self.clock.now_secs());
                 Ok(ManifestAnswer {
                     manifest,
                     source: Source::Revalidated,
@@ -966,6 +970,67 @@ mod tests {
     /// A manifest the central registry serves Outpost's anonymous client teaches the
     /// central login service that the repository is anonymous there; the lesson is a
     /// tracked task that `close` waits for.
+    /// A tag answer is trusted for the upstream's `tag_ttl` (no upstream request), then
+    /// revalidated with one HEAD; while the upstream is out past the TTL, the last answer
+    /// is served stale. Time moves under tokio's paused clock: no sleeping.
+    #[tokio::test]
+    async fn tag_answers_are_trusted_for_the_ttl_then_revalidated_with_head() {
+        let down = Arc::new(AtomicBool::new(false));
+        let server = upstream(down.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pt, _) = pull_through(&server.url(), dir.path());
+        let upstream = pt
+            .upstreams()
+            .by_name("up.example")
+            .expect("upstream")
+            .clone();
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let t = Target {
+            upstream: &upstream,
+            remote: &remote,
+            canonical: &canonical,
+        };
+        let v1 = Reference::Tag("v1".parse().expect("tag"));
+        let manifest_requests = |method: &str| {
+            server
+                .seen()
+                .iter()
+                .filter(|s| s.method.as_str() == method && s.uri == "/v2/a/b/manifests/v1")
+                .count()
+        };
+        let ask = || pt.manifest(&t, &v1, None);
+        assert_eq!(ask().await.expect("first").source, Source::Fetched);
+        assert_eq!(manifest_requests("GET"), 1);
+
+        // Within the TTL (10 minutes by default): from the store, nothing asked.
+        let advance = |d: Duration| async move {
+            tokio::time::pause();
+            tokio::time::advance(d).await;
+            tokio::time::resume();
+        };
+        advance(Duration::from_secs(9 * 60)).await;
+        assert_eq!(ask().await.expect("fresh").source, Source::Hit);
+        assert_eq!(
+            (manifest_requests("GET"), manifest_requests("HEAD")),
+            (1, 0)
+        );
+
+        // Past it: one HEAD confirms the stored digest; no GET.
+        advance(Duration::from_secs(2 * 60)).await;
+        assert_eq!(ask().await.expect("due").source, Source::Revalidated);
+        assert_eq!(
+            (manifest_requests("GET"), manifest_requests("HEAD")),
+            (1, 1)
+        );
+        assert_eq!(ask().await.expect("confirmed").source, Source::Hit);
+        assert_eq!(manifest_requests("HEAD"), 1);
+
+        // Past it again with the upstream out: the last answer, stale.
+        down.store(true, Ordering::SeqCst);
+        advance(Duration::from_secs(11 * 60)).await;
+        assert_eq!(ask().await.expect("stale").source, Source::Stale);
+    }
+
     #[tokio::test]
     async fn central_learning_is_done_when_close_returns() {
         use crate::auth::central::Puller;

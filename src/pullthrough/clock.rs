@@ -1,0 +1,33 @@
+//! The time freshness decisions are made at: the wall clock (tag answers are stored with
+//! wall-clock times, which survive restarts), plus however far tokio's clock has been
+//! moved ahead of real time. In production tokio's clock is real time, so this is the wall
+//! clock; a test pauses tokio's time and advances it past a TTL without sleeping.
+
+use std::time::Instant;
+
+use crate::storage::now_secs;
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Clock {
+    real: Instant,
+    runtime: tokio::time::Instant,
+}
+
+impl Clock {
+    pub(super) fn new() -> Clock {
+        Clock {
+            real: Instant::now(),
+            runtime: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Seconds since the Unix epoch, as freshness sees them.
+    pub(super) fn now_secs(&self) -> u64 {
+        let ahead = self
+            .runtime
+            .elapsed()
+            .saturating_sub(self.real.elapsed())
+            .as_secs();
+        now_secs().saturating_add(ahead)
+    }
+}
