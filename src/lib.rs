@@ -15,6 +15,8 @@
 //! - `pullthrough`: answering upstream repositories from the store or the upstream:
 //!   freshness and stale fallback for every kind of document, coalescing (`singleflight`,
 //!   downloads in flight by digest in `flight`), its metrics and central learning.
+//! - `hosted`: the write rules of repositories pushed here (digests, immutable tags,
+//!   mounts); reads and uploads go straight to `storage`.
 //! - `auth`: every access decision behind one service (`auth::Access`): principals,
 //!   signed API keys, tokens, access policy, revocation, the failed-login throttle;
 //!   `auth::central` (cached central-registry logins) and `auth::keyring` (the durable
@@ -41,6 +43,7 @@ pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod clientconfig;
 pub mod config;
+pub(crate) mod hosted;
 pub(crate) mod http;
 pub(crate) mod metrics;
 pub(crate) mod mirror;

@@ -8,6 +8,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 
 use super::route::RouteError;
 use crate::auth::AccessError;
+use crate::hosted::HostedError;
 use crate::oci::manifest::ManifestError;
 use crate::oci::{ErrorCode, NameError};
 use crate::pullthrough::CacheError;
@@ -251,6 +252,23 @@ impl From<CacheError> for ApiError {
                 ErrorCode::Unavailable,
                 "the upstream fetch was abandoned; retry",
             ),
+        }
+    }
+}
+
+impl From<HostedError> for ApiError {
+    fn from(e: HostedError) -> ApiError {
+        match e {
+            HostedError::DigestMismatch { .. } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::DigestInvalid,
+                e.to_string(),
+            ),
+            HostedError::Invalid(m) => m.into(),
+            HostedError::Put(p) => p.into(),
+            HostedError::Protected(message) => ApiError::denied(message),
+            HostedError::Unknown => ApiError::manifest_unknown(),
+            HostedError::Storage(s) => s.into(),
         }
     }
 }

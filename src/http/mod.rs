@@ -31,6 +31,7 @@ use tracing::field::Empty;
 
 use crate::auth::{Access, Principal};
 use crate::config::Config;
+use crate::hosted::Hosted;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::oci::ErrorCode;
 use crate::pullthrough::{PullThrough, Target};
@@ -53,6 +54,7 @@ pub struct StateInner {
     config: Arc<Config>,
     store: Store,
     access: Access,
+    hosted: Hosted,
     cache: Arc<PullThrough>,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
@@ -76,6 +78,7 @@ impl State {
         State {
             inner: Arc::new(StateInner {
                 config,
+                hosted: Hosted::new(store.clone(), access.clone()),
                 store,
                 access,
                 cache,

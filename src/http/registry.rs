@@ -12,12 +12,9 @@ use super::body::{self, Body, FileSender, RangeStream};
 use super::error::ApiError;
 use super::route::Page;
 use super::{Ctx, State};
-use crate::auth::Action;
-use crate::oci::manifest::{Manifest, OCI_INDEX};
+use crate::oci::manifest::OCI_INDEX;
 use crate::oci::{Digest, ErrorCode, MAX_MANIFEST_BYTES, Reference, RepoName};
-use crate::storage::{
-    FileRange, LinkOrigin, ManifestDeletion, PutManifest, ReferrerRecord, StoredManifest,
-};
+use crate::storage::{FileRange, LinkOrigin, ReferrerRecord, StoredManifest};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -130,36 +127,11 @@ pub async fn put_manifest(
         )
     })?
     .ok_or_else(|| ApiError::too_large("manifest", MAX_MANIFEST_BYTES))?;
-    let (digest, tag) = match reference {
-        Reference::Digest(expected) => {
-            let actual = Digest::of(expected.algorithm(), &bytes);
-            if &actual != expected {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::DigestInvalid,
-                    format!("manifest digest is {actual}, not the {expected} in the URL"),
-                ));
-            }
-            (actual, None)
-        }
-        Reference::Tag(t) => (Digest::sha256_of(&bytes), Some(t.clone())),
-    };
-    let manifest = Manifest::parse(&bytes, content_type.as_deref())?;
-    let immutable_rule = tag
-        .as_ref()
-        .and_then(|t| state.access.immutable_rule(repo, t));
-    let subject = manifest.subject.as_ref().map(|s| s.digest.clone());
-    state
-        .store
-        .put_manifest(PutManifest {
-            repo: repo.clone(),
-            tag,
-            digest: digest.clone(),
-            body: bytes,
-            manifest,
-            immutable_rule,
-        })
+    let pushed = state
+        .hosted
+        .put_manifest(repo, reference, bytes, content_type.as_deref())
         .await?;
+    let (digest, subject) = (pushed.digest, pushed.subject);
     tracing::debug!(request_id = ctx.id, %digest, "manifest stored");
     let mut b = builder(StatusCode::CREATED)
         .header(
@@ -179,39 +151,7 @@ pub async fn delete_manifest(
     repo: &RepoName,
     reference: &Reference,
 ) -> Result<Response<Body>> {
-    let deleted = match reference {
-        Reference::Digest(d) => {
-            // Deleting a manifest removes its tags, so it must not remove an immutable one.
-            let (access, r) = (state.access.clone(), repo.clone());
-            let protected = move |tag: &str| {
-                let tag = tag.parse().ok()?;
-                access.immutable_rule(&r, &tag)
-            };
-            match state.store.delete_manifest(repo, d, protected).await? {
-                ManifestDeletion::Deleted => true,
-                ManifestDeletion::Unknown => false,
-                ManifestDeletion::Protected { tag, rule } => {
-                    return Err(ApiError::denied(format!(
-                        "tag {tag} points to this manifest and is immutable under {rule}; \
-                         the manifest cannot be deleted"
-                    )));
-                }
-            }
-        }
-        Reference::Tag(t) => {
-            // Refused whether or not the tag exists yet: checking existence first would
-            // let a push of the tag slip in between the check and the delete.
-            if let Some(rule) = state.access.immutable_rule(repo, t) {
-                return Err(ApiError::denied(format!(
-                    "tag is immutable under {rule} and cannot be deleted"
-                )));
-            }
-            state.store.delete_tag(repo, t).await?
-        }
-    };
-    if !deleted {
-        return Err(ApiError::manifest_unknown());
-    }
+    state.hosted.delete_manifest(repo, reference).await?;
     finish(
         builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, "0"),
         body::empty(),
@@ -398,9 +338,7 @@ pub async fn start_upload(
 ) -> Result<Response<Body>> {
     if let Some((d, Some(from))) = mount {
         // Mount only with read access to the source; otherwise fall back to an upload.
-        if state.access.permits(&ctx.principal, from, Action::Pull)
-            && state.store.mount_blob(from, repo, d).await?
-        {
+        if state.hosted.mount(&ctx.principal, from, repo, d).await? {
             return blob_created(repo, d);
         }
     }
