@@ -487,6 +487,18 @@ async fn manifest_errors_and_content_management() {
     let r = push_manifest(&server, &key, "team/app", "v1", OCI_MANIFEST, b"{not json").await;
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "MANIFEST_INVALID");
+    // A reference that cannot be a tag: invalid to push (400), unknown to fetch (404),
+    // as the distribution-spec conformance suites expect.
+    let r = push_manifest(&server, &key, "team/app", "-bad", OCI_MANIFEST, b"{}").await;
+    assert_eq!(r.status(), 400);
+    let r = client()
+        .get(server.url("/v2/team/app/manifests/-bad"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
     let big = vec![b' '; 4 * 1024 * 1024 + 1];
     let r = push_manifest(&server, &key, "team/app", "v1", OCI_MANIFEST, &big).await;
     assert_eq!(r.status(), 413);

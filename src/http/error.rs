@@ -185,6 +185,7 @@ impl From<RouteError> for ApiError {
             RouteError::Digest(d) => {
                 ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, d)
             }
+            RouteError::NoSuchManifest => ApiError::manifest_unknown(),
             RouteError::BadQuery(m) => {
                 ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, m)
             }

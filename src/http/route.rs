@@ -98,6 +98,9 @@ pub enum RouteError {
     Digest(String),
     /// A query parameter is malformed.
     BadQuery(&'static str),
+    /// A GET or HEAD of a manifest by a reference that cannot be a tag: no such manifest
+    /// can exist (registries answer 404 here; a PUT with it is invalid, 400).
+    NoSuchManifest,
 }
 
 impl From<NameError> for RouteError {
@@ -363,7 +366,12 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
     }
     if n >= 3 && segs[n - 2] == "manifests" {
         let repo = repo(&segs[..n - 2])?;
-        let reference: Reference = segs[n - 1].parse()?;
+        let reference: Reference = match segs[n - 1].parse() {
+            Err(NameError::BadTag) if matches!(*method, Method::GET | Method::HEAD) => {
+                return Err(RouteError::NoSuchManifest);
+            }
+            other => other?,
+        };
         return match *method {
             Method::GET | Method::HEAD => Ok(Route::GetManifest {
                 repo,
@@ -508,9 +516,19 @@ mod tests {
             r(Method::GET, "/v2/a/blobs/md5:abc", None),
             Err(RouteError::Digest(_))
         ));
-        assert!(matches!(
+        // Regression (conformance): a GET of a reference that cannot be a tag is an
+        // unknown manifest (404), not an invalid one; a PUT of it stays invalid (400).
+        assert_eq!(
             r(Method::GET, "/v2/a/manifests/-bad", None),
-            Err(RouteError::Name(_))
+            Err(RouteError::NoSuchManifest)
+        );
+        assert_eq!(
+            r(Method::HEAD, "/v2/a/manifests/-bad", None),
+            Err(RouteError::NoSuchManifest)
+        );
+        assert!(matches!(
+            r(Method::PUT, "/v2/a/manifests/-bad", None),
+            Err(RouteError::Name(NameError::BadTag))
         ));
         assert_eq!(
             r(Method::GET, "/etc/passwd", None),
