@@ -70,6 +70,11 @@ impl CacheError {
     fn is_gone(&self) -> bool {
         matches!(self, CacheError::Upstream(UpstreamError::NotFound))
     }
+
+    /// The upstream cannot answer now (down, failing, rate-limiting, breaker open).
+    fn is_outage(&self) -> bool {
+        matches!(self, CacheError::Upstream(e) if e.is_outage())
+    }
 }
 
 impl From<StorageError> for CacheError {
@@ -361,13 +366,36 @@ impl PullThrough {
             });
         }
         let known_digest = stored.as_ref().map(|m| m.digest.clone());
-        let tag = tag.clone();
+        let accepted = upstream_accept.clone();
+        let asked = tag.clone();
         let waiter = self.tags.join(key.clone(), move || async move {
-            resolve_tag(&ctx, &tag, class, &upstream_accept, known_digest).await
+            resolve_tag(&ctx, &asked, class, &upstream_accept, known_digest).await
         });
         let coalesced = waiter.joined;
         let Some(stale) = stored else {
-            let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Abandoned))?;
+            let manifest = match waiter.wait().await.unwrap_or(Err(CacheError::Abandoned)) {
+                Ok(m) => m,
+                Err(e) if e.is_outage() => {
+                    // Nothing stored for clients like this one, but maybe for others:
+                    // serve that answer if this client accepts its media type.
+                    let other = self.other_class_answer(t, tag, class, &accepted).await?;
+                    let Some(manifest) = other else {
+                        return Err(e);
+                    };
+                    tracing::info!(
+                        upstream = t.upstream.name(),
+                        repo = %t.canonical,
+                        error = %e,
+                        "serving the stale answer stored for other clients' Accept"
+                    );
+                    return Ok(ManifestAnswer {
+                        manifest,
+                        source: Source::Stale,
+                        coalesced,
+                    });
+                }
+                Err(e) => return Err(e),
+            };
             self.fresh.put(key, manifest.clone(), self.clock.now_secs());
             return Ok(ManifestAnswer {
                 manifest,
@@ -415,6 +443,31 @@ impl PullThrough {
                 })
             }
         }
+    }
+
+    /// The answer stored for `tag` for the other accept class, if its media type is one
+    /// this client accepts (`accepted`: the list asked of the upstream for its class).
+    async fn other_class_answer(
+        &self,
+        t: &Target<'_>,
+        tag: &Tag,
+        class: AcceptClass,
+        accepted: &str,
+    ) -> Result<Option<StoredManifest>, CacheError> {
+        let other = match class {
+            AcceptClass::Any => AcceptClass::SingleOnly,
+            AcceptClass::SingleOnly => AcceptClass::Any,
+        };
+        let Some(f) = self.store.tag_freshness(t.canonical, tag, other).await? else {
+            return Ok(None);
+        };
+        let manifest = self
+            .store
+            .get_manifest(t.canonical, &Reference::Digest(f.digest))
+            .await?;
+        Ok(manifest.filter(|m| {
+            class == AcceptClass::Any || accepted.split(", ").any(|a| a == m.media_type)
+        }))
     }
 
     /// The blob `digest` of the target repository. With `head`, a blob that is not
@@ -1029,6 +1082,42 @@ mod tests {
         down.store(true, Ordering::SeqCst);
         advance(Duration::from_secs(11 * 60)).await;
         assert_eq!(ask().await.expect("stale").source, Source::Stale);
+    }
+
+    /// Regression (issue 11): offline, a client asking only for OCI manifests got 503
+    /// although the answer stored for other clients is exactly that type. Now it gets
+    /// that answer, stale; a client that accepts no stored type still gets the error.
+    #[tokio::test]
+    async fn offline_a_stored_answer_of_an_accepted_type_serves_other_accept_headers() {
+        let down = Arc::new(AtomicBool::new(false));
+        let server = upstream(down.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pt, _) = pull_through(&server.url(), dir.path());
+        let upstream = pt
+            .upstreams()
+            .by_name("up.example")
+            .expect("upstream")
+            .clone();
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let t = Target {
+            upstream: &upstream,
+            remote: &remote,
+            canonical: &canonical,
+        };
+        let v1 = Reference::Tag("v1".parse().expect("tag"));
+        let first = pt.manifest(&t, &v1, None).await.expect("fetched");
+        down.store(true, Ordering::SeqCst);
+        let oci_only = pt
+            .manifest(&t, &v1, Some(OCI_MANIFEST))
+            .await
+            .expect("the stored OCI manifest");
+        assert_eq!(oci_only.source, Source::Stale);
+        assert_eq!(oci_only.manifest.digest, first.manifest.digest);
+        let docker_only = pt.manifest(&t, &v1, Some(DOCKER_MANIFEST)).await;
+        assert!(
+            matches!(&docker_only, Err(e) if e.is_outage()),
+            "a type the client does not accept is not served"
+        );
     }
 
     #[tokio::test]
