@@ -179,6 +179,22 @@ async fn blob_bytes_are_identical_over_http1_and_h2c() {
             assert_eq!(length, content.len().to_string(), "{name}");
         }
     }
+    // Regression (issue 11): every blob sent whole, through sendfile too, and every HEAD
+    // was logged `complete=false`. Each body was read to its end, so none may say so.
+    let logs = server.logs();
+    let blob_lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| {
+            l.contains(" request ")
+                && (l.contains("route=\"get_blob\"") || l.contains("route=\"head_blob\""))
+        })
+        .collect();
+    // Two clients, two rounds, each: one whole GET, three ranges, one HEAD.
+    assert_eq!(blob_lines.len(), 2 * 2 * 5, "{logs}");
+    assert!(
+        blob_lines.iter().all(|l| l.contains("complete=true")),
+        "{logs}"
+    );
 }
 
 /// Pipelined HTTP/1.1: several requests written at once, answered in order on one

@@ -92,10 +92,17 @@ pub async fn read_limited(
 
 /// Wraps `body` so that `done(bytes_sent, complete)` runs when it is dropped: after its
 /// last frame, or early when the client went away (`complete` is then false).
-pub fn on_done(body: Body, done: impl FnOnce(u64, bool) + Send + 'static) -> Body {
+/// `expected` is what the response promised (its `Content-Length`; 0 for HEAD): hyper
+/// stops polling a body once that much is out, so reaching it counts as complete.
+pub fn on_done(
+    body: Body,
+    expected: Option<u64>,
+    done: impl FnOnce(u64, bool) + Send + 'static,
+) -> Body {
     BodyExt::boxed_unsync(Tracked {
         inner: body,
         bytes: 0,
+        expected,
         ended: false,
         done: Some(Box::new(done)),
     })
@@ -104,6 +111,7 @@ pub fn on_done(body: Body, done: impl FnOnce(u64, bool) + Send + 'static) -> Bod
 struct Tracked {
     inner: Body,
     bytes: u64,
+    expected: Option<u64>,
     /// The inner body said it has no more frames.
     ended: bool,
     done: Option<Box<dyn FnOnce(u64, bool) + Send>>,
@@ -142,7 +150,9 @@ impl hyper::body::Body for Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
-            let complete = self.ended || hyper::body::Body::is_end_stream(&self.inner);
+            let complete = self.ended
+                || hyper::body::Body::is_end_stream(&self.inner)
+                || self.expected.is_some_and(|e| self.bytes >= e);
             done(self.bytes, complete);
         }
     }
@@ -244,22 +254,39 @@ mod tests {
     #[tokio::test]
     async fn on_done_reports_bytes_and_whether_the_body_was_finished() {
         let (seen, done) = recorder();
-        let body = on_done(full(&b"0123456789"[..]), done);
+        let body = on_done(full(&b"0123456789"[..]), None, done);
         let collected = body.collect().await.expect("collect").to_bytes();
         assert_eq!(collected.len(), 10);
         assert_eq!(*seen.lock().expect("lock"), Some((10, true)));
 
         // A streamed body abandoned after its first chunk.
         let (seen, done) = recorder();
-        let chunks = futures_util::stream::iter([
-            Ok(Bytes::from_static(b"abc")),
-            Ok(Bytes::from_static(b"def")),
-        ]);
-        let mut body = on_done(stream_of(chunks), done);
+        let chunks = || {
+            futures_util::stream::iter([
+                Ok(Bytes::from_static(b"abc")),
+                Ok(Bytes::from_static(b"def")),
+            ])
+        };
+        let mut body = on_done(stream_of(chunks()), Some(6), done);
         let first = body.frame().await.expect("frame").expect("ok");
         assert_eq!(first.into_data().expect("data").len(), 3);
         drop(body);
         assert_eq!(*seen.lock().expect("lock"), Some((3, false)));
+
+        // Regression (issue 11): a body whose promised length went out is complete even
+        // though hyper never polled for its end (sendfile bodies were logged incomplete).
+        let (seen, done) = recorder();
+        let mut body = on_done(stream_of(chunks()), Some(6), done);
+        for _ in 0..2 {
+            body.frame().await.expect("frame").expect("ok");
+        }
+        drop(body);
+        assert_eq!(*seen.lock().expect("lock"), Some((6, true)));
+
+        // A HEAD answer promises nothing: complete without a byte.
+        let (seen, done) = recorder();
+        drop(on_done(stream_of(chunks()), Some(0), done));
+        assert_eq!(*seen.lock().expect("lock"), Some((0, true)));
     }
 
     fn stream_of(chunks: impl Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {

@@ -182,8 +182,16 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
     // The request log line is written when the body is done (sent, or abandoned by the
     // client), so it can say how many bytes went out and how long the whole took.
     let headers_ms = elapsed.as_secs_f64() * 1000.0;
+    let expected = if method == http::Method::HEAD {
+        Some(0)
+    } else {
+        response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    };
     response.map(|b| {
-        body::on_done(b, move |bytes, complete| {
+        body::on_done(b, expected, move |bytes, complete| {
             span.in_scope(|| {
                 tracing::info!(
                     request_id = id,
