@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::auth::keyring;
 use crate::config::Config;
+use crate::mirror::Mirror;
 use crate::storage::{KeyRecord, Store, now_secs};
 
 /// Largest request line accepted: room for the claims of the largest API key.
@@ -45,6 +46,14 @@ pub enum AdminRequest {
     Gc,
     Fsck {
         repair: bool,
+    },
+    /// `outpost mirror run`: the jobs named (all when empty), run by the daemon.
+    MirrorRun {
+        jobs: Vec<String>,
+    },
+    /// `outpost mirror status`.
+    MirrorStatus {
+        json: bool,
     },
 }
 
@@ -106,6 +115,19 @@ pub fn execute(
                 failed: false,
             })
         }
+        AdminRequest::MirrorStatus { json } => Ok(AdminReply {
+            output: crate::mirror::status(
+                &config.mirrors,
+                &store.mirror_runs()?,
+                now_secs(),
+                *json,
+            ),
+            failed: false,
+        }),
+        AdminRequest::MirrorRun { .. } => Ok(AdminReply {
+            output: "error: mirror runs need the daemon's mirror service\n".to_owned(),
+            failed: true,
+        }),
         AdminRequest::Gc => {
             let r = store.gc(config.storage.gc_grace, config.storage.upload_timeout)?;
             Ok(AdminReply {
@@ -156,6 +178,7 @@ pub async fn serve(
     store: Store,
     config: std::sync::Arc<Config>,
     auth: Authenticator,
+    mirror: Mirror,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&path);
@@ -173,8 +196,9 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
         };
         let (store, config, auth) = (store.clone(), config.clone(), auth.clone());
+        let mirror = mirror.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, store, config, auth).await {
+            if let Err(e) = handle(stream, store, config, auth, mirror).await {
                 tracing::warn!(error = %e, "admin request failed");
             }
         });
@@ -188,12 +212,17 @@ async fn handle(
     store: Store,
     config: std::sync::Arc<Config>,
     auth: Authenticator,
+    mirror: Mirror,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
     tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await??;
     let reply = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(AdminRequest::MirrorRun { jobs }) => {
+            tracing::info!(command = "mirror_run", "admin command");
+            run_mirror(&mirror, &jobs).await
+        }
         Ok(request) => {
             tracing::info!(command = ?command_name(&request), "admin command");
             tokio::task::spawn_blocking(move || execute(&store, &config, Some(&auth), &request))
@@ -222,6 +251,22 @@ fn command_name(request: &AdminRequest) -> &'static str {
         AdminRequest::RecordKey { .. } => "record_key",
         AdminRequest::Gc => "gc",
         AdminRequest::Fsck { .. } => "fsck",
+        AdminRequest::MirrorRun { .. } => "mirror_run",
+        AdminRequest::MirrorStatus { .. } => "mirror_status",
+    }
+}
+
+/// Runs mirror jobs and words the outcome as a reply.
+pub async fn run_mirror(mirror: &Mirror, jobs: &[String]) -> AdminReply {
+    match mirror.run(jobs).await {
+        Ok(reports) => {
+            let (output, failed) = crate::mirror::summary(&reports);
+            AdminReply { output, failed }
+        }
+        Err(e) => AdminReply {
+            output: format!("error: {e}\n"),
+            failed: true,
+        },
     }
 }
 

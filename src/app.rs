@@ -19,6 +19,7 @@ use crate::auth::{
 use crate::config::Config;
 use crate::http::{self, Listeners, TlsSettings};
 use crate::metrics::Metrics;
+use crate::mirror::Mirror;
 use crate::pullthrough::PullThrough;
 use crate::storage::Store;
 use crate::systemd::Notifier;
@@ -190,6 +191,12 @@ impl Daemon {
             metrics.clone(),
             central.clone(),
         ));
+        let mirror = Mirror::new(
+            store.clone(),
+            upstreams.clone(),
+            config.mirrors.clone(),
+            metrics.clone(),
+        );
         let shutdown = CancellationToken::new();
         let maintenance = tokio::spawn({
             let (cache, shutdown) = (cache.clone(), shutdown.clone());
@@ -208,7 +215,9 @@ impl Daemon {
             let (store, config) = (store.clone(), config.clone());
             let (auth, shutdown) = (auth.clone(), shutdown.clone());
             async move {
-                if let Err(e) = crate::admin::serve(path, store, config, auth, shutdown).await {
+                if let Err(e) =
+                    crate::admin::serve(path, store, config, auth, mirror, shutdown).await
+                {
                     tracing::error!(error = %e, "admin socket failed; CLI commands need the daemon stopped");
                 }
             }

@@ -5,6 +5,7 @@ use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, bail};
@@ -20,7 +21,10 @@ use crate::clientconfig::{
     self, CONTAINERD_DEFAULT_DIR, ContainerdOptions, GeneratedFile, KeyHeader, MirrorUrl,
 };
 use crate::config::{Config, DEFAULT_TOML, parse_duration};
+use crate::metrics::Metrics;
+use crate::mirror::Mirror;
 use crate::storage::{StorageError, Store, now_secs};
+use crate::upstream::Upstreams;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,6 +65,9 @@ pub enum Command {
     /// Write client configuration that points nodes at this Outpost.
     #[command(subcommand)]
     ClientConfig(ClientConfigCommand),
+    /// Mirror chosen repositories of an upstream into the store ([[mirror]] jobs).
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
     /// Verify every blob's digest and every reference; exits 1 on any problem.
     ///
     /// Works with the daemon running (through its admin socket) or stopped.
@@ -88,6 +95,32 @@ pub enum ConfigCommand {
     ///
     /// Example: outpost config default > outpost.toml
     Default,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MirrorCommand {
+    /// Run mirror jobs now: every job, or the ones named. Exits 1 if any selected tag
+    /// failed, naming it and why.
+    ///
+    /// Works with the daemon running (the daemon does the work) or stopped.
+    ///
+    /// Example: outpost mirror run --config /etc/outpost/outpost.toml apps
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Jobs to run (by name); all when none is given.
+        jobs: Vec<String>,
+    },
+    /// Show each job's last run: start, end, result, tags changed, bytes, lag.
+    ///
+    /// Example: outpost mirror status --config /etc/outpost/outpost.toml --json
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -258,6 +291,48 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     })
 }
 
+/// Runs mirror jobs: in this process when no daemon holds the store, else through the
+/// running daemon's admin socket (the daemon does the work).
+fn mirror_run(config: &Config, jobs: Vec<String>) -> anyhow::Result<Outcome> {
+    if config.mirrors.is_empty() {
+        bail!("the configuration has no [[mirror]] jobs");
+    }
+    let unbuilt = config.unbuilt();
+    if !unbuilt.is_empty() {
+        bail!(
+            "refusing settings that would do nothing:\n{}",
+            unbuilt.join("\n")
+        );
+    }
+    let reply = match Store::open(&config.storage.path, config.storage.db_cache) {
+        Ok(store) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let upstreams = Upstreams::new(config).context("setting up upstream clients")?;
+                let mirror = Mirror::new(
+                    store,
+                    upstreams,
+                    config.mirrors.clone(),
+                    Arc::new(Metrics::new()),
+                );
+                anyhow::Ok(admin::run_mirror(&mirror, &jobs).await)
+            })?
+        }
+        Err(StorageError::Locked) => admin::request(
+            &admin::socket_path(config),
+            &AdminRequest::MirrorRun { jobs },
+        )?,
+        Err(e) => return Err(e).context("opening the store"),
+    };
+    Ok(Outcome {
+        stdout: reply.output,
+        stderr: String::new(),
+        failed: reply.failed,
+    })
+}
+
 /// Runs an admin command on the store: directly when no daemon holds it, else through
 /// the running daemon's admin socket.
 fn admin(config: &Config, request: AdminRequest) -> anyhow::Result<Outcome> {
@@ -418,6 +493,13 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         }
         Command::ClientConfig(command) => client_config(command),
         Command::Gc { config } => admin(&load_config(Some(&config))?, AdminRequest::Gc),
+        Command::Mirror(MirrorCommand::Run { config, jobs }) => {
+            mirror_run(&load_config(Some(&config))?, jobs)
+        }
+        Command::Mirror(MirrorCommand::Status { config, json }) => admin(
+            &load_config(Some(&config))?,
+            AdminRequest::MirrorStatus { json },
+        ),
         Command::Fsck { config, repair } => {
             admin(&load_config(Some(&config))?, AdminRequest::Fsck { repair })
         }

@@ -21,8 +21,9 @@
 //!   signed API keys, tokens, access policy, revocation, the failed-login throttle;
 //!   `auth::central` (cached central-registry logins) and `auth::keyring` (the durable
 //!   side of API keys: revocation file, known keys and their last use, `key list`).
-//! - `mirror`: scheduled mirroring: validated jobs, tag selection, platforms, schedules
-//!   (the engine that runs them is not built yet).
+//! - `mirror`: mirroring chosen repositories of an upstream: validated jobs, tag
+//!   selection, platforms, schedules, and the engine (`mirror::Mirror`) that runs jobs on
+//!   the shared upstream registry and the store's one blob writer, pinning what it stores.
 //! - `http`: routing, the request pipeline (one span per request), the one error mapping,
 //!   listeners and TLS. It parses, calls one service, and maps the answer.
 //! - `metrics`: the Prometheus registry every module counts into.

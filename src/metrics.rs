@@ -50,6 +50,18 @@ pub struct AuthLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub job: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorRunLabels {
+    pub job: String,
+    /// `ok` or `failed`.
+    pub result: &'static str,
+}
+
 /// Every metric Outpost exports. Cheap to update from any task.
 pub struct Metrics {
     registry: Registry,
@@ -64,6 +76,13 @@ pub struct Metrics {
     pub evicted_bytes: Counter,
     pub stored_bytes: Gauge,
     pub auth: Family<AuthLabels, Counter>,
+    pub mirror_runs: Family<MirrorRunLabels, Counter>,
+    pub mirror_running: Family<MirrorLabels, Gauge>,
+    pub mirror_last_success: Family<MirrorLabels, Gauge>,
+    pub mirror_last_duration: Family<MirrorLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub mirror_bytes: Family<MirrorLabels, Counter>,
+    pub mirror_tags_changed: Family<MirrorLabels, Counter>,
+    pub mirror_tags_failed: Family<MirrorLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -146,6 +165,49 @@ impl Metrics {
             "Authentication and authorization outcomes",
             auth.clone(),
         );
+        let mirror_runs = Family::<MirrorRunLabels, Counter>::default();
+        registry.register(
+            "mirror_runs",
+            "Mirror job runs by job and result",
+            mirror_runs.clone(),
+        );
+        let mirror_running = Family::<MirrorLabels, Gauge>::default();
+        registry.register(
+            "mirror_running",
+            "Mirror jobs running now (1) or not (0)",
+            mirror_running.clone(),
+        );
+        let mirror_last_success = Family::<MirrorLabels, Gauge>::default();
+        registry.register(
+            "mirror_last_success_timestamp_seconds",
+            "When the job's last successful run ended (Unix seconds)",
+            mirror_last_success.clone(),
+        );
+        let mirror_last_duration =
+            Family::<MirrorLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "mirror_last_run_duration_seconds",
+            "How long the job's last run took",
+            mirror_last_duration.clone(),
+        );
+        let mirror_bytes = Family::<MirrorLabels, Counter>::default();
+        registry.register(
+            "mirror_fetched_bytes",
+            "Blob bytes mirror jobs fetched from their upstream",
+            mirror_bytes.clone(),
+        );
+        let mirror_tags_changed = Family::<MirrorLabels, Counter>::default();
+        registry.register(
+            "mirror_tags_changed",
+            "Tags a mirror job added or moved",
+            mirror_tags_changed.clone(),
+        );
+        let mirror_tags_failed = Family::<MirrorLabels, Counter>::default();
+        registry.register(
+            "mirror_tags_failed",
+            "Selected tags a mirror run could not mirror",
+            mirror_tags_failed.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -159,6 +221,13 @@ impl Metrics {
             evicted_bytes,
             stored_bytes,
             auth,
+            mirror_runs,
+            mirror_running,
+            mirror_last_success,
+            mirror_last_duration,
+            mirror_bytes,
+            mirror_tags_changed,
+            mirror_tags_failed,
         }
     }
 

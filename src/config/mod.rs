@@ -183,13 +183,34 @@ impl Config {
                     .to_owned(),
             );
         }
-        if !self.mirrors.is_empty() {
-            let names: Vec<&str> = self.mirrors.iter().map(|m| m.name.as_str()).collect();
-            out.push(format!(
-                "[[mirror]] ({}): the jobs are valid, but scheduled mirroring is not built \
-                 yet; remove the [[mirror]] sections to serve",
-                names.join(", ")
-            ));
+        for job in &self.mirrors {
+            let mut keys = Vec::new();
+            if job.schedule.is_some() {
+                keys.push("schedule (runs are started with `outpost mirror run`)");
+            }
+            if job.bandwidth.is_some() {
+                keys.push("bandwidth");
+            }
+            if job.referrers {
+                keys.push("referrers = true");
+            }
+            if job.prune {
+                keys.push("prune = true");
+            }
+            if job
+                .repositories
+                .iter()
+                .any(|r| matches!(r, RepoSelector::Glob(_)))
+            {
+                keys.push("repository globs");
+            }
+            if !keys.is_empty() {
+                out.push(format!(
+                    "[[mirror]] {:?}: {}: not built yet; remove them",
+                    job.name,
+                    keys.join(", ")
+                ));
+            }
         }
         out
     }
@@ -762,12 +783,18 @@ anonymous = ["push"]
                 .map(String::from)
                 .collect::<Vec<_>>()
         );
-        assert_eq!(
-            c.unbuilt().len(),
-            1,
-            "mirroring is refused until it is built"
-        );
-        assert!(c.unbuilt()[0].contains("apps"));
+        let unbuilt = c.unbuilt();
+        assert_eq!(unbuilt.len(), 1, "{unbuilt:?}");
+        for key in [
+            "apps",
+            "schedule",
+            "bandwidth",
+            "referrers",
+            "prune",
+            "globs",
+        ] {
+            assert!(unbuilt[0].contains(key), "{key} not refused: {unbuilt:?}");
+        }
     }
 
     /// Regression: `config check` accepted `schedule = "every now and then"`.

@@ -1,21 +1,28 @@
 //! Scheduled mirroring of chosen repositories from an upstream (usually the company's
 //! central registry), so that a site holds tonight what it will run tomorrow.
 //!
-//! Built so far: the pure parts every run will use: a validated job ([`MirrorJob`]),
-//! which tags a job selects ([`select`]), which platforms of an index it keeps
-//! ([`platform`]) and when it runs ([`schedule`]). The engine that fetches through the
-//! storage blob writer and the upstream registry is not built yet (issue 9), so a
-//! configuration with `[[mirror]]` jobs is refused by `serve` and `config check` (see
-//! `Config::unbuilt`).
+//! - [`MirrorJob`]: a validated job; [`select`]: which tags it selects; [`platform`]:
+//!   which images of an index it keeps; [`schedule`]: when it runs (pure).
+//! - `run`: the engine ([`Mirror`]): one run of jobs on demand (`outpost mirror run`,
+//!   through the daemon when it runs), on the shared upstream registry and the store's
+//!   one blob writer.
+//! - this file: the texts `outpost mirror run` and `status` print.
+//!
+//! Not built yet (issue 9), and so refused by `Config::unbuilt` when set: `schedule`
+//! (the in-daemon scheduler), `bandwidth`, `referrers = true`, `prune = true`,
+//! repository globs, and resuming an interrupted blob with `Range`.
 
 pub mod platform;
+mod run;
 pub mod schedule;
 pub mod select;
 
 use std::time::Duration;
 
 use crate::oci::RepoName;
+use crate::storage::MirrorRunRecord;
 pub use platform::Platform;
+pub use run::{JobReport, Mirror};
 pub use schedule::Cron;
 pub use select::TagFilter;
 
@@ -57,4 +64,83 @@ pub fn valid_job_name(name: &str) -> bool {
         .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && name.len() <= 64
         && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
+
+/// What `outpost mirror run` prints: one block per job, then whether all went well.
+pub fn summary(reports: &[JobReport]) -> (String, bool) {
+    let mut out = String::new();
+    let mut failed = false;
+    for r in reports {
+        out.push_str(&format!(
+            "{}: {} — tags: {} added, {} updated, {} unchanged, {} failed; blobs: {} fetched \
+             ({} bytes), {} already stored; {:.1}s\n",
+            r.job,
+            if r.ok() { "ok" } else { "FAILED" },
+            r.tags_added,
+            r.tags_updated,
+            r.tags_unchanged,
+            r.failed.len(),
+            r.blobs_fetched,
+            r.bytes_fetched,
+            r.blobs_present,
+            r.duration.as_secs_f64()
+        ));
+        for (what, why) in &r.failed {
+            out.push_str(&format!("  failed {what}: {why}\n"));
+        }
+        failed |= !r.ok();
+    }
+    (out, failed)
+}
+
+/// What `outpost mirror status` prints for the configured `jobs` and their recorded
+/// runs: per job last start and end, result, bytes, tags changed, and lag (the age of
+/// the last successful run) at `now` (Unix seconds).
+pub fn status(
+    jobs: &[MirrorJob],
+    runs: &[(String, MirrorRunRecord)],
+    now: u64,
+    json: bool,
+) -> String {
+    let find = |name: &str| runs.iter().find(|(j, _)| j == name).map(|(_, r)| r);
+    if json {
+        let list: Vec<serde_json::Value> = jobs
+            .iter()
+            .map(|j| {
+                let run = find(&j.name);
+                serde_json::json!({
+                    "job": j.name,
+                    "upstream": j.upstream,
+                    "schedule": j.schedule.as_ref().map(ToString::to_string),
+                    "last_run": run,
+                    "lag_seconds": run.and_then(|r| r.last_success).map(|s| now.saturating_sub(s)),
+                })
+            })
+            .collect();
+        return format!("{}\n", serde_json::Value::Array(list));
+    }
+    let mut out = String::new();
+    for j in jobs {
+        match find(&j.name) {
+            None => out.push_str(&format!("{}: never run\n", j.name)),
+            Some(r) => out.push_str(&format!(
+                "{}: last run {} ({}s ago, took {}s): {}; tags {} added, {} updated, {} \
+                 unchanged, {} failed; {} bytes fetched; lag {}\n",
+                j.name,
+                httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(r.started)),
+                now.saturating_sub(r.ended),
+                r.ended.saturating_sub(r.started),
+                if r.ok { "ok" } else { "FAILED" },
+                r.tags_added,
+                r.tags_updated,
+                r.tags_unchanged,
+                r.tags_failed,
+                r.bytes_fetched,
+                r.last_success
+                    .map(|s| format!("{}s", now.saturating_sub(s)))
+                    .unwrap_or_else(|| "never succeeded".to_owned())
+            )),
+        }
+    }
+    out
 }

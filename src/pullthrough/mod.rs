@@ -167,7 +167,7 @@ pub struct PullThrough {
 
 /// Every manifest media type, index types first: what we ask upstreams for on behalf of
 /// clients that accept indexes.
-const ACCEPT_ANY: &str = "application/vnd.oci.image.index.v1+json, \
+pub(crate) const ACCEPT_ANY: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
     application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json";

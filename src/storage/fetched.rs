@@ -38,13 +38,24 @@ impl Store {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<bool, StorageError> {
+        self.link_stored(repo, digest, LinkOrigin::Upstream).await
+    }
+
+    /// Links a stored blob into `repo` with `origin`. Returns false if the blob is not
+    /// stored (any more).
+    pub(super) async fn link_stored(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        origin: LinkOrigin,
+    ) -> Result<bool, StorageError> {
         let (repo, digest) = (repo.clone(), digest.clone());
         self.blocking(move |i| {
             let _guard = i.commit_lock.read().map_err(|_| StorageError::Task)?;
             if i.stored_size(&i.db.begin_read()?, &digest)?.is_none() {
                 return Ok(false);
             }
-            i.link(&repo, &digest, None, LinkOrigin::Upstream, None)?;
+            i.link(&repo, &digest, None, origin, None)?;
             Ok(true)
         })
         .await

@@ -19,6 +19,7 @@ mod fetched;
 mod files;
 mod keys;
 mod maintenance;
+mod mirrored;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ use schema::*;
 pub use fetched::FetchedManifest;
 pub use files::FileRange;
 pub use maintenance::{FsckReport, GcReport};
+pub use mirrored::MirrorRunRecord;
 pub use schema::{CentralDecisionRecord, CentralUserRecord, KeyRecord, LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
 pub use upstream_tags::AcceptClass;
@@ -231,6 +233,7 @@ impl Store {
             txn.open_table(UPLOADS)?;
             txn.open_table(REVOKED_KEYS)?;
             txn.open_table(KNOWN_KEYS)?;
+            txn.open_table(MIRROR_RUNS)?;
             txn.open_table(UPSTREAM_TAGS)?;
             txn.open_table(BLOB_ACCESS)?;
             txn.open_table(CENTRAL_USERS)?;

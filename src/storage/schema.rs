@@ -47,6 +47,9 @@ pub const CENTRAL_DECISIONS: TableDefinition<(&str, &str), &[u8]> =
 /// API key id → [`KeyRecord`]: keys this store has seen authenticate, or that were issued
 /// for it. Claims only; no key is ever stored.
 pub const KNOWN_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("known_keys");
+/// mirror job name → `[v1][JSON of MirrorRunRecord]`: the job's last run, for
+/// `outpost mirror status`.
+pub const MIRROR_RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("mirror_runs");
 
 const V1: u8 = 1;
 
@@ -102,6 +105,8 @@ pub enum LinkOrigin {
     Upload = 1,
     /// Confirmed by the upstream for this repository.
     Upstream = 2,
+    /// Mirrored by a scheduled job: pinned like hosted content, never evicted.
+    Mirror = 3,
 }
 
 /// `[v1][origin u8][linked_at u64]`.
@@ -125,6 +130,7 @@ impl LinkRecord {
         let origin = match b.get(1) {
             Some(1) => LinkOrigin::Upload,
             Some(2) => LinkOrigin::Upstream,
+            Some(3) => LinkOrigin::Mirror,
             _ => return Err(DecodeError("link")),
         };
         Ok(LinkRecord {
