@@ -423,3 +423,71 @@ async fn eviction_never_removes_hosted_blobs() {
             .is_some()
     );
 }
+
+/// Mirrored content is pinned: a blob pulled through first and then pinned by a mirror
+/// job, and one a mirror fetched, survive eviction to a zero budget; the pull-through
+/// blob beside them goes. The run record survives a restart.
+#[tokio::test]
+async fn eviction_never_removes_mirrored_blobs_and_mirror_runs_are_durable() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let mirrored = repo("central.corp/team/app");
+    let other = repo("docker.io/library/app");
+    let pulled_then_pinned = fetch(&store, &mirrored, &[b'p'; 1000]).await;
+    assert!(
+        store
+            .pin_blob(&mirrored, &pulled_then_pinned)
+            .await
+            .expect("pin")
+    );
+    let digest = Digest::sha256_of(&[b'm'; 1000]);
+    let mut writer = store.blob_writer(digest.algorithm()).await.expect("writer");
+    writer
+        .write(vec![Bytes::from_static(&[b'm'; 1000])])
+        .await
+        .expect("write");
+    let verified = writer.verify(&digest).await.expect("verify");
+    verified
+        .commit(&mirrored, LinkOrigin::Mirror)
+        .await
+        .expect("commit");
+    let cached = fetch(&store, &other, &[b'c'; 1000]).await;
+    assert!(
+        !store
+            .pin_blob(&mirrored, &Digest::sha256_of(b"never stored"))
+            .await
+            .expect("pin")
+    );
+
+    let report = store.evict(0).await.expect("evict");
+    assert_eq!(report.evicted_blobs, 1);
+    for d in [&pulled_then_pinned, &digest] {
+        assert!(store.open_blob(&mirrored, d).await.expect("open").is_some());
+    }
+    assert!(
+        store
+            .open_blob(&other, &cached)
+            .await
+            .expect("open")
+            .is_none()
+    );
+
+    let record = MirrorRunRecord {
+        started: 10,
+        ended: 20,
+        ok: true,
+        tags_added: 3,
+        last_success: Some(20),
+        ..MirrorRunRecord::default()
+    };
+    store
+        .record_mirror_run("apps", &record)
+        .await
+        .expect("record");
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(
+        store.mirror_runs().expect("runs"),
+        vec![("apps".to_owned(), record)]
+    );
+}
