@@ -45,20 +45,22 @@ pub struct Daemon {
     config: Arc<Config>,
 }
 
-/// Reads the `/token` HMAC secret, creating it (mode 0600) on first start.
-fn token_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
+/// Reads `N` random bytes kept as hex in `path`, creating them (mode 0600) on first
+/// start: the `/token` HMAC secret, and this site's instance id.
+fn persistent_random<const N: usize>(path: &Path, what: &str) -> anyhow::Result<[u8; N]> {
     match std::fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
-            let raw = hex::decode(text.trim()).context("token secret file is not hex")?;
+            let raw =
+                hex::decode(text.trim()).with_context(|| format!("{what} file is not hex"))?;
             raw.try_into().map_err(|_| {
-                anyhow::anyhow!("token secret in {} must be 32 bytes of hex", path.display())
+                anyhow::anyhow!("{what} in {} must be {N} bytes of hex", path.display())
             })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut secret = [0u8; 32];
-            getrandom::fill(&mut secret)
-                .map_err(|e| anyhow::anyhow!("no entropy for the token secret: {e}"))?;
+            let mut value = [0u8; N];
+            getrandom::fill(&mut value)
+                .map_err(|e| anyhow::anyhow!("no entropy for the {what}: {e}"))?;
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true).create_new(true);
             #[cfg(unix)]
@@ -66,9 +68,9 @@ fn token_secret(path: &Path) -> anyhow::Result<[u8; 32]> {
             let mut f = opts
                 .open(path)
                 .with_context(|| format!("creating {}", path.display()))?;
-            f.write_all(hex::encode(secret).as_bytes())?;
+            f.write_all(hex::encode(value).as_bytes())?;
             f.sync_all()?;
-            Ok(secret)
+            Ok(value)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -156,7 +158,7 @@ impl Daemon {
         let auth = Authenticator::new(
             AuthSettings {
                 issuers,
-                token_secret: token_secret(&config.token_secret_path())?,
+                token_secret: persistent_random(&config.token_secret_path(), "token secret")?,
                 token_ttl: config.auth.token_ttl,
                 policy: config.policy.clone(),
                 service: config.auth.service.clone(),
@@ -198,6 +200,21 @@ impl Daemon {
             metrics.clone(),
         );
         let shutdown = CancellationToken::new();
+        // This site's stable id: it places the site in each mirror job's jitter window,
+        // so a fleet spreads out and a site keeps its slot.
+        let instance = hex::encode(persistent_random::<16>(
+            &config.storage.path.join("instance.id"),
+            "instance id",
+        )?);
+        let schedules = tokio::spawn({
+            let (mirror, shutdown) = (mirror.clone(), shutdown.clone());
+            async move {
+                let tasks = tokio_util::task::TaskTracker::new();
+                crate::mirror::start_schedules(mirror, &instance, &tasks, &shutdown).await;
+                tasks.close();
+                tasks.wait().await;
+            }
+        });
         let maintenance = tokio::spawn({
             let (cache, shutdown) = (cache.clone(), shutdown.clone());
             let budget = config.storage.max_size;
@@ -249,7 +266,7 @@ impl Daemon {
             tls_addrs,
             shutdown,
             task,
-            background: vec![maintenance, admin, keys],
+            background: vec![maintenance, admin, keys, schedules],
             pull_through: cache,
             tls,
             auth,

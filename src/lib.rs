@@ -26,7 +26,8 @@
 //!   the shared upstream registry and the store's one blob writer, pinning what it stores.
 //! - `http`: routing, the request pipeline (one span per request), the one error mapping,
 //!   listeners and TLS. It parses, calls one service, and maps the answer.
-//! - `metrics`: the Prometheus registry every module counts into.
+//! - `metrics`: the Prometheus registry every module counts into; `clock`: the time
+//!   TTLs and schedules are judged at (tests move it with tokio's paused time).
 //! - `admin`: the local admin socket through which CLI commands reach a running daemon.
 //! - `clientconfig`: containerd `hosts.toml` files and `registries.conf` entries that
 //!   point nodes at Outpost, generated from the configured upstreams (pure text).
@@ -43,6 +44,7 @@ pub mod app;
 pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod clientconfig;
+pub(crate) mod clock;
 pub mod config;
 pub(crate) mod hosted;
 pub(crate) mod http;

@@ -39,12 +39,15 @@ fn mirror_jobs_are_validated_and_keys_not_built_yet_are_refused() {
          bandwidth = \"10MiB/s\"\n"
     );
     let (ok, err) = check(dir.path(), &scheduled);
-    assert!(!ok, "a schedule must not be accepted while nothing runs it");
+    assert!(
+        !ok,
+        "a bandwidth cap must not be accepted while nothing enforces it"
+    );
     assert!(err.contains("the configuration is valid"), "{err}");
     assert!(
         err.contains("[[mirror]] \"apps\"")
-            && err.contains("schedule")
             && err.contains("bandwidth")
+            && !err.contains("schedule")
             && err.contains("not built yet"),
         "{err}"
     );
@@ -55,12 +58,13 @@ fn mirror_jobs_are_validated_and_keys_not_built_yet_are_refused() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "serve must refuse it too");
-    assert!(err.contains("schedule"), "{err}");
+    assert!(err.contains("bandwidth"), "{err}");
 
-    // Without them, the job is accepted: `outpost mirror run` runs it.
+    // Without it, the job is accepted: the daemon runs it at 02:00 UTC plus this site's
+    // jitter, and `outpost mirror run` runs it at once.
     let on_demand = format!(
         "{BASE}[[mirror]]\nname = \"apps\"\nupstream = \"central.corp\"\n\
-         repositories = [\"team/app\"]\ntags = [\"v*\"]\n"
+         repositories = [\"team/app\"]\ntags = [\"v*\"]\nschedule = \"0 2 * * *\"\n"
     );
     let (ok, err) = check(dir.path(), &on_demand);
     assert!(ok, "{err}");

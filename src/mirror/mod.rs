@@ -8,13 +8,17 @@
 //!   one blob writer.
 //! - this file: the texts `outpost mirror run` and `status` print.
 //!
-//! Not built yet (issue 9), and so refused by `Config::unbuilt` when set: `schedule`
-//! (the in-daemon scheduler), `bandwidth`, `referrers = true`, `prune = true`,
-//! repository globs, and resuming an interrupted blob with `Range`.
+//! - `scheduler`: runs jobs with a `schedule` in the daemon (cron in UTC, the site's
+//!   jitter, one catch-up run for missed slots, retries with backoff).
+//!
+//! Not built yet (issue 9), and so refused by `Config::unbuilt` when set: `bandwidth`,
+//! `referrers = true`, `prune = true`, repository globs; an interrupted blob is fetched
+//! again rather than resumed with `Range`.
 
 pub mod platform;
 mod run;
 pub mod schedule;
+mod scheduler;
 pub mod select;
 
 use std::time::Duration;
@@ -24,6 +28,7 @@ use crate::storage::MirrorRunRecord;
 pub use platform::Platform;
 pub use run::{JobReport, Mirror};
 pub use schedule::Cron;
+pub(crate) use scheduler::start as start_schedules;
 pub use select::TagFilter;
 
 /// A repository entry of a job: an explicit name at the upstream, or a glob that needs the

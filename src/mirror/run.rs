@@ -180,12 +180,48 @@ impl Mirror {
         let state = RunState::default();
         let mut reports = Vec::new();
         for job in jobs {
-            reports.push(self.run_job(job, &state).await);
+            reports.push(self.run_job(job, &state, None).await);
         }
         Ok(reports)
     }
 
-    async fn run_job(&self, job: &MirrorJob, state: &RunState) -> JobReport {
+    /// Runs job `name` for schedule slot `slot` (recorded, whether the run succeeds or
+    /// not). Returns whether every selected tag was mirrored.
+    pub(crate) async fn run_slot(&self, name: &str, slot: u64) -> bool {
+        let Some(job) = self.inner.jobs.iter().find(|j| j.name == name) else {
+            return false;
+        };
+        self.run_job(job, &RunState::default(), Some(slot))
+            .await
+            .ok()
+    }
+
+    /// The jobs this service runs.
+    pub(crate) fn jobs(&self) -> &[MirrorJob] {
+        &self.inner.jobs
+    }
+
+    /// The last schedule slot job `name` ran for, from its durable run record.
+    pub(crate) async fn last_slot(&self, name: &str) -> Result<Option<u64>, StorageError> {
+        Ok(self.previous(name).await?.and_then(|r| r.slot))
+    }
+
+    /// The recorded last run of job `name`.
+    async fn previous(&self, name: &str) -> Result<Option<MirrorRunRecord>, StorageError> {
+        let store = self.inner.store.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            Ok(store
+                .mirror_runs()?
+                .into_iter()
+                .find(|(j, _)| *j == name)
+                .map(|(_, r)| r))
+        })
+        .await
+        .map_err(|_| StorageError::Task)?
+    }
+
+    async fn run_job(&self, job: &MirrorJob, state: &RunState, slot: Option<u64>) -> JobReport {
         let inner = &self.inner;
         let mut report = JobReport {
             job: job.name.clone(),
@@ -226,7 +262,7 @@ impl Mirror {
             )),
         }
         report.duration = clock.elapsed();
-        self.finish(job, started, &report).await;
+        self.finish(job, started, slot, &report).await;
         report
     }
 
@@ -483,27 +519,14 @@ impl Mirror {
     }
 
     /// Records the run durably and in metrics, and logs its summary.
-    async fn finish(&self, job: &MirrorJob, started: u64, report: &JobReport) {
+    async fn finish(&self, job: &MirrorJob, started: u64, slot: Option<u64>, report: &JobReport) {
         let inner = &self.inner;
         let labels = MirrorLabels {
             job: job.name.clone(),
         };
         let result = if report.ok() { "ok" } else { "failed" };
         let ended = now_secs();
-        let previous = {
-            let store = inner.store.clone();
-            let name = job.name.clone();
-            tokio::task::spawn_blocking(move || {
-                store
-                    .mirror_runs()
-                    .ok()
-                    .and_then(|runs| runs.into_iter().find(|(j, _)| *j == name))
-                    .and_then(|(_, r)| r.last_success)
-            })
-            .await
-            .ok()
-            .flatten()
-        };
+        let previous = self.previous(&job.name).await.ok().flatten();
         let record = MirrorRunRecord {
             started,
             ended,
@@ -513,7 +536,12 @@ impl Mirror {
             tags_unchanged: report.tags_unchanged,
             tags_failed: report.failed.len() as u64,
             bytes_fetched: report.bytes_fetched,
-            last_success: if report.ok() { Some(ended) } else { previous },
+            last_success: if report.ok() {
+                Some(ended)
+            } else {
+                previous.as_ref().and_then(|p| p.last_success)
+            },
+            slot: slot.or_else(|| previous.as_ref().and_then(|p| p.slot)),
         };
         if let Err(e) = inner.store.record_mirror_run(&job.name, &record).await {
             tracing::warn!(job = %job.name, error = %e, "recording the mirror run failed");

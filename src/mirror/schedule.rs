@@ -230,8 +230,6 @@ impl Cron {
     }
 }
 
-// The scheduler that calls these lands with the mirror engine (issue 9).
-#[cfg_attr(not(test), allow(dead_code))]
 /// This site's offset into a job's jitter window: in `[0, jitter)`, the same for the same
 /// instance and job every time (a site keeps its slot), spread evenly across a fleet.
 pub fn jitter_offset(instance: &str, job: &str, jitter: Duration) -> Duration {
@@ -249,7 +247,6 @@ pub fn jitter_offset(instance: &str, job: &str, jitter: Duration) -> Duration {
     Duration::from_secs(u64::from_le_bytes(first) % window)
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Exponential backoff between retries of a failed run: `base`, doubling per attempt, at
 /// most `cap`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,7 +255,6 @@ pub struct Backoff {
     pub cap: Duration,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl Backoff {
     /// The wait before retry number `attempt` (0 for the first retry).
     pub fn delay(&self, attempt: u32) -> Duration {

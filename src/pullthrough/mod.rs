@@ -22,7 +22,6 @@
 //!
 //! This module knows nothing of HTTP; the `http` layer maps its answers and errors.
 
-mod clock;
 mod flight;
 mod fresh;
 mod singleflight;
@@ -33,6 +32,7 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::central::CentralAuth;
+use crate::clock::Clock;
 use crate::metrics::{Metrics, UpstreamLabels};
 use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, Manifest, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, Reference, RepoName, Tag};
@@ -43,7 +43,6 @@ use crate::upstream::{
     BreakerState, TagsPage, Upstream, UpstreamError, UpstreamHandle, UpstreamReferrers,
     UpstreamTags, Upstreams,
 };
-use clock::Clock;
 pub use flight::Follower;
 use flight::{Fetch, Flights};
 use fresh::FreshTags;

@@ -27,6 +27,10 @@ pub struct MirrorRunRecord {
     pub bytes_fetched: u64,
     /// Unix seconds of the last run that ended `ok` (this one or an earlier one).
     pub last_success: Option<u64>,
+    /// The last schedule slot (Unix seconds) a scheduled run stood for: a restart
+    /// neither repeats it nor forgets a slot missed after it. Absent in older records.
+    #[serde(default)]
+    pub slot: Option<u64>,
 }
 
 impl Store {

@@ -1,20 +1,21 @@
-//! The time freshness decisions are made at: the wall clock (tag answers are stored with
-//! wall-clock times, which survive restarts), plus however far tokio's clock has been
-//! moved ahead of real time. In production tokio's clock is real time, so this is the wall
-//! clock; a test pauses tokio's time and advances it past a TTL without sleeping.
+//! The time decisions are made at (tag freshness, mirror schedules): the wall clock (what
+//! is stored is stamped with wall-clock times, which survive restarts), plus however far
+//! tokio's clock has been moved ahead of real time. In production tokio's clock is real
+//! time, so this is the wall clock; a test pauses tokio's time and moves schedules and
+//! TTLs along without sleeping.
 
 use std::time::Instant;
 
 use crate::storage::now_secs;
 
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Clock {
+pub(crate) struct Clock {
     real: Instant,
     runtime: tokio::time::Instant,
 }
 
 impl Clock {
-    pub(super) fn new() -> Clock {
+    pub(crate) fn new() -> Clock {
         Clock {
             real: Instant::now(),
             runtime: tokio::time::Instant::now(),
@@ -22,7 +23,7 @@ impl Clock {
     }
 
     /// Seconds since the Unix epoch, as freshness sees them.
-    pub(super) fn now_secs(&self) -> u64 {
+    pub(crate) fn now_secs(&self) -> u64 {
         let ahead = self
             .runtime
             .elapsed()

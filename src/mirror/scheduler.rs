@@ -1,0 +1,307 @@
+//! The in-daemon scheduler: runs each job with a `schedule` at its cron slots (UTC) plus
+//! this site's jitter offset, runs a slot missed while the daemon was down once soon
+//! after start-up, and retries a failed run with backoff until the next slot comes.
+//!
+//! A job never overlaps itself: its slots run one after the other here, and the mirror
+//! service refuses a manual run of a job that is running. The last slot run is durable
+//! (in the job's run record), so a restart neither repeats it nor forgets a missed one.
+//! Time is the wall clock as `crate::clock::Clock` reads it, so tests drive schedules
+//! with tokio's paused time.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::schedule::{Backoff, Cron};
+use crate::clock::Clock;
+
+/// A missed slot runs within this long after start-up (spread by the site's offset).
+const CATCH_UP_WITHIN: u64 = 300;
+
+/// The longest single sleep: the wall clock is read again at least this often, so a
+/// clock set right after boot (edge hosts without an RTC) moves the plan.
+const MAX_SLEEP: u64 = 3600;
+
+/// Retries of a failed run: 1 minute, doubling, at most an hour, never past the next slot.
+pub(crate) const RETRIES: Backoff = Backoff {
+    base: Duration::from_secs(60),
+    cap: Duration::from_secs(3600),
+};
+
+/// The next run of a job: the slot it stands for, and when it starts (Unix seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub slot: u64,
+    pub at: u64,
+}
+
+/// When a job with `cron`, this site's `offset` and `last_slot` (the last slot it ran,
+/// if any) runs next, at `now`. A slot missed since `last_slot` runs once, soon: it
+/// stands for the newest missed slot, so the older ones are not run one by one.
+pub(crate) fn next_run(cron: &Cron, offset: u64, last_slot: Option<u64>, now: u64) -> Option<Plan> {
+    if let Some(last) = last_slot
+        && let Some(mut slot) = cron.missed(last, now)
+    {
+        // The newest slot at or before now (bounded: a minutely job off for a year).
+        for _ in 0..1_000_000 {
+            match cron.next_after(slot) {
+                Some(next) if next <= now => slot = next,
+                _ => break,
+            }
+        }
+        return Some(Plan {
+            slot,
+            at: now + offset.min(CATCH_UP_WITHIN),
+        });
+    }
+    let slot = cron.next_after(now)?;
+    Some(Plan {
+        slot,
+        at: slot + offset,
+    })
+}
+
+/// Runs one slot of a job; `true` when every selected tag was mirrored.
+pub(crate) type RunSlot =
+    Arc<dyn Fn(u64) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// Runs the schedule of every job that has one until `shutdown`, each job in a task of
+/// `tasks`. `instance` is this site's stable id, which places it in each job's jitter
+/// window.
+pub(crate) async fn start(
+    mirror: super::Mirror,
+    instance: &str,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let clock = Clock::new();
+    for job in mirror.jobs() {
+        let Some(cron) = job.schedule.clone() else {
+            continue;
+        };
+        let offset = super::schedule::jitter_offset(instance, &job.name, job.jitter).as_secs();
+        let last = match mirror.last_slot(&job.name).await {
+            Ok(last) => last,
+            Err(e) => {
+                tracing::warn!(job = %job.name, error = %e, "reading the last mirror run failed");
+                None
+            }
+        };
+        let name = job.name.clone();
+        tracing::info!(job = %name, schedule = %cron, jitter_s = offset, "mirror job scheduled");
+        let run: RunSlot = {
+            let mirror = mirror.clone();
+            Arc::new(move |slot| {
+                let (mirror, name) = (mirror.clone(), name.clone());
+                Box::pin(async move { mirror.run_slot(&name, slot).await })
+            })
+        };
+        tasks.spawn(schedule_job(
+            cron,
+            offset,
+            last,
+            clock,
+            run,
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Runs a job's schedule until `shutdown`.
+pub(crate) async fn schedule_job(
+    cron: Cron,
+    offset: u64,
+    mut last_slot: Option<u64>,
+    clock: Clock,
+    run: RunSlot,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let Some(plan) = next_run(&cron, offset, last_slot, clock.now_secs()) else {
+            return;
+        };
+        if !sleep_until(&clock, plan.at, &shutdown).await {
+            return;
+        }
+        let mut attempt = 0;
+        loop {
+            // Stopping abandons a run: nothing it fetched is visible until its tag
+            // flips, and the next start catches the slot up.
+            let ok = tokio::select! {
+                ok = run(plan.slot) => ok,
+                _ = shutdown.cancelled() => return,
+            };
+            if ok {
+                break;
+            }
+            let retry = RETRIES.retry_at(clock.now_secs(), attempt, cron.next_after(plan.slot));
+            let Some(at) = retry else {
+                break;
+            };
+            if !sleep_until(&clock, at, &shutdown).await {
+                return;
+            }
+            attempt += 1;
+        }
+        last_slot = Some(plan.slot);
+    }
+}
+
+/// Sleeps until `at` (Unix seconds, as `clock` reads them). `false` if stopped first.
+async fn sleep_until(clock: &Clock, at: u64, shutdown: &CancellationToken) -> bool {
+    loop {
+        let now = clock.now_secs();
+        if now >= at {
+            return true;
+        }
+        let wait = Duration::from_secs((at - now).min(MAX_SLEEP));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    const DAY: u64 = 86_400;
+
+    fn nightly() -> Cron {
+        "0 2 * * *".parse().expect("cron")
+    }
+
+    #[test]
+    fn plans_the_next_slot_plus_the_offset_and_catches_up_once() {
+        let cron = nightly();
+        let two_am = cron.next_after(0).expect("slot");
+        let day3 = two_am + 3 * DAY;
+        // Never ran: the next slot, at the site's offset.
+        assert_eq!(
+            next_run(&cron, 600, None, day3 - 60),
+            Some(Plan {
+                slot: day3,
+                at: day3 + 600
+            })
+        );
+        // Ran at day 0, off until day 3 past 02:00: one catch-up for day 3's slot, soon.
+        assert_eq!(
+            next_run(&cron, 600, Some(two_am), day3 + 3600),
+            Some(Plan {
+                slot: day3,
+                at: day3 + 3600 + 300
+            })
+        );
+        // Ran today's slot: tomorrow's.
+        assert_eq!(
+            next_run(&cron, 600, Some(day3), day3 + 3600),
+            Some(Plan {
+                slot: day3 + DAY,
+                at: day3 + DAY + 600
+            })
+        );
+    }
+
+    /// The slots run, with the (clock) times they started.
+    type Seen = Arc<Mutex<Vec<(u64, u64)>>>;
+
+    /// Records the slots run and the (clock) times they started.
+    fn recorder(outcomes: Vec<bool>) -> (RunSlot, Seen, Clock) {
+        let clock = Clock::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let outcomes = Arc::new(Mutex::new(outcomes.into_iter()));
+        let run: RunSlot = {
+            let seen = seen.clone();
+            Arc::new(move |slot| {
+                let (seen, outcomes) = (seen.clone(), outcomes.clone());
+                Box::pin(async move {
+                    seen.lock().expect("lock").push((slot, clock.now_secs()));
+                    outcomes.lock().expect("lock").next().unwrap_or(true)
+                })
+            })
+        };
+        (run, seen, clock)
+    }
+
+    async fn until_runs(seen: &Seen, n: usize) -> Vec<(u64, u64)> {
+        loop {
+            let got = seen.lock().expect("lock").clone();
+            if got.len() >= n {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_each_slot_once_at_its_offset_under_paused_time() {
+        let (run, seen, clock) = recorder(vec![]);
+        let stop = CancellationToken::new();
+        let cron = nightly();
+        let first = cron.next_after(clock.now_secs()).expect("slot");
+        let task = tokio::spawn(schedule_job(cron, 900, None, clock, run, stop.clone()));
+        let got = until_runs(&seen, 2).await;
+        stop.cancel();
+        let _ = task.await;
+        assert_eq!(got[0].0, first);
+        assert_eq!(got[1].0, first + DAY, "one run per slot, the next day");
+        for (slot, started) in &got[..2] {
+            assert!(
+                *started >= slot + 900,
+                "started {started} before slot {slot} + offset"
+            );
+            assert!(
+                *started < slot + 900 + 60,
+                "started {started} long after its time"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missed_slot_runs_once_soon_after_start_up() {
+        let (run, seen, clock) = recorder(vec![]);
+        let stop = CancellationToken::new();
+        let cron = nightly();
+        let now = clock.now_secs();
+        let newest = cron.next_after(now - DAY).expect("slot");
+        let newest = if newest > now { newest - DAY } else { newest };
+        // Last ran four nights ago.
+        let last = newest - 4 * DAY;
+        let task = tokio::spawn(schedule_job(cron, 60, Some(last), clock, run, stop.clone()));
+        let got = until_runs(&seen, 2).await;
+        stop.cancel();
+        let _ = task.await;
+        assert_eq!(got[0].0, newest, "the newest missed slot, not the oldest");
+        assert!(got[0].1 < now + 300, "soon after start-up");
+        assert_eq!(
+            got[1].0,
+            newest + DAY,
+            "then the regular schedule, not the other misses"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_run_is_retried_with_backoff_inside_its_window() {
+        let (run, seen, clock) = recorder(vec![false, false, true]);
+        let stop = CancellationToken::new();
+        let cron = nightly();
+        let first = cron.next_after(clock.now_secs()).expect("slot");
+        let task = tokio::spawn(schedule_job(cron, 0, None, clock, run, stop.clone()));
+        let got = until_runs(&seen, 4).await;
+        stop.cancel();
+        let _ = task.await;
+        let slots: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(slots, vec![first, first, first, first + DAY]);
+        let waits: Vec<u64> = got.windows(2).take(2).map(|w| w[1].1 - w[0].1).collect();
+        assert!(
+            (60..90).contains(&waits[0]) && (120..150).contains(&waits[1]),
+            "backoff doubles from one minute: {waits:?}"
+        );
+    }
+}
