@@ -27,7 +27,6 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::Instrument;
-use tracing::field::Empty;
 
 use crate::auth::{Access, Principal};
 use crate::config::Config;
@@ -106,47 +105,53 @@ pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> R
     let mut route_name = "unrouted";
     let mut subject = String::from("-");
     let mut upstream_ns: Option<HeaderValue> = None;
-    // Everything logged while this request is handled carries these fields; never a
-    // credential (the principal is a kind, the subject a name).
-    let span = tracing::info_span!(
-        "request",
-        id,
-        route = Empty,
-        repo = Empty,
-        upstream = Empty,
-        principal = Empty,
-    );
+    // Everything logged while this request is served carries these fields; never a
+    // credential (the principal is a kind, the subject a name). The span is made once
+    // its fields are known (after routing and authentication), in one go: cheaper than
+    // recording them one by one on the hot path. A request refused before has a span
+    // with what was known.
+    let mut span = None;
     let result = async {
         let mut route = route::route(&method, &path, req.uri().query())?;
         route_name = route.name();
-        let span = tracing::Span::current();
-        span.record("route", route_name);
         let namespace = resolve(&state, &mut route, req.uri().query())?;
-        if let Some((repo, _)) = route.scope() {
-            span.record("repo", repo.as_str());
-        }
-        if let Namespace::Upstream { upstream, .. } = &namespace {
-            span.record("upstream", upstream.name());
-            upstream_ns = HeaderValue::from_str(upstream.name()).ok();
-        }
-        let principal = authenticate(&state, &req, peer).await?;
-        span.record("principal", principal.kind());
-        subject = principal.subject().to_owned();
-        authorize(&state, &route, &namespace, &principal).await?;
-        let ctx = Ctx {
-            id,
-            principal,
-            peer,
+        let upstream_name = match &namespace {
+            Namespace::Upstream { upstream, .. } => {
+                upstream_ns = HeaderValue::from_str(upstream.name()).ok();
+                Some(upstream.name().to_owned())
+            }
+            Namespace::Hosted => None,
         };
-        match namespace {
-            Namespace::Hosted => dispatch(&state, &ctx, route, req).await,
-            Namespace::Upstream { upstream, remote } => {
-                dispatch_upstream(&state, &upstream, &remote, route, req).await
+        let principal = authenticate(&state, &req, peer).await?;
+        subject = principal.subject().to_owned();
+        let served = tracing::info_span!(
+            "request",
+            id,
+            route = route_name,
+            repo = route.scope().map(|(r, _)| r.as_str()),
+            upstream = upstream_name.as_deref(),
+            principal = principal.kind(),
+        );
+        span = Some(served.clone());
+        async {
+            authorize(&state, &route, &namespace, &principal).await?;
+            let ctx = Ctx {
+                id,
+                principal,
+                peer,
+            };
+            match namespace {
+                Namespace::Hosted => dispatch(&state, &ctx, route, req).await,
+                Namespace::Upstream { upstream, remote } => {
+                    dispatch_upstream(&state, &upstream, &remote, route, req).await
+                }
             }
         }
+        .instrument(served)
+        .await
     }
-    .instrument(span.clone())
     .await;
+    let span = span.unwrap_or_else(|| tracing::info_span!("request", id, route = route_name));
     let mut response = match result {
         Ok(r) => r,
         Err(e) => {
