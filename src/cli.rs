@@ -65,7 +65,7 @@ pub enum Command {
     /// Write client configuration that points nodes at this Outpost.
     #[command(subcommand)]
     ClientConfig(ClientConfigCommand),
-    /// Mirror chosen repositories of an upstream into the store ([[mirror]] jobs).
+    /// Mirror chosen repositories of an upstream into the store (the `[[mirror]]` jobs).
     #[command(subcommand)]
     Mirror(MirrorCommand),
     /// Verify every blob's digest and every reference; exits 1 on any problem.
