@@ -101,6 +101,50 @@ fn central_auth(
     Ok(Some(Arc::new(central)))
 }
 
+/// What a newcomer needs to see at start: where data lives, which upstreams and mirror
+/// jobs are configured, and what anonymous callers may do.
+fn log_summary(config: &Config) {
+    let names = |list: Vec<String>| {
+        if list.is_empty() {
+            "none".to_owned()
+        } else {
+            list.join(", ")
+        }
+    };
+    let upstreams = names(
+        config
+            .upstreams
+            .iter()
+            .map(|u| format!("{} ({})", u.name, u.url))
+            .collect(),
+    );
+    let mirrors = names(
+        config
+            .mirrors
+            .iter()
+            .map(|m| match &m.schedule {
+                Some(s) => format!("{} (from {}, at \"{s}\" UTC)", m.name, m.upstream),
+                None => format!("{} (from {}, on demand)", m.name, m.upstream),
+            })
+            .collect(),
+    );
+    let anonymous = names(
+        config
+            .access
+            .iter()
+            .filter(|r| !r.anonymous.is_empty())
+            .map(|r| format!("{} on {}", r.anonymous, r.repositories.join(" ")))
+            .collect(),
+    );
+    tracing::info!(
+        data = %config.storage.path.display(),
+        upstreams = %upstreams,
+        mirror_jobs = %mirrors,
+        anonymous = %anonymous,
+        "serving"
+    );
+}
+
 async fn bind_all(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
     for a in addrs {
@@ -261,6 +305,7 @@ impl Daemon {
         for a in &tls_addrs {
             tracing::info!(addr = %a, tls = true, "listening");
         }
+        log_summary(&config);
         Ok(Daemon {
             plain_addrs,
             tls_addrs,

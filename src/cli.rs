@@ -336,6 +336,15 @@ fn mirror_run(config: &Config, jobs: Vec<String>) -> anyhow::Result<Outcome> {
 /// Runs an admin command on the store: directly when no daemon holds it, else through
 /// the running daemon's admin socket.
 fn admin(config: &Config, request: AdminRequest) -> anyhow::Result<Outcome> {
+    // Never create a store here: a command that acted on a new, empty store would report
+    // success (a revocation that revokes nothing) while the daemon's store is elsewhere.
+    if !config.database_path().exists() {
+        bail!(
+            "there is no store at {} (no outpost.redb): check storage.path (a relative path \
+             is read from the config file's directory); nothing was done",
+            config.storage.path.display()
+        );
+    }
     let reply = match Store::open(&config.storage.path, config.storage.db_cache) {
         Ok(store) => admin::execute(&store, config, None, &request)?,
         Err(StorageError::Locked) => admin::request(&admin::socket_path(config), &request)?,

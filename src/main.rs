@@ -8,6 +8,11 @@ use outpost::app::Daemon;
 use outpost::cli::{self, Cli, Command};
 
 fn serve(config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let source = match &config {
+        Some(path) => path.display().to_string(),
+        None => "the embedded default (outpost config default prints it)".to_owned(),
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %source, "outpost starting");
     let config = cli::load_config(config.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -146,11 +146,37 @@ impl Config {
         Validator::default().config(raw)
     }
 
-    /// Reads and validates the file at `path`.
+    /// Reads and validates the file at `path`. Relative paths in it are read from the
+    /// file's own directory, so a command run from anywhere acts on the same store and
+    /// files as the daemon.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
-        Config::from_toml(&text)
+        let mut config = Config::from_toml(&text)?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        config.resolve_paths(dir.unwrap_or(Path::new(".")));
+        Ok(config)
+    }
+
+    /// Makes every relative path of the file relative to `base` instead.
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.storage.path);
+        if let Some(tls) = &mut self.server.tls {
+            fix(&mut tls.cert);
+            fix(&mut tls.key);
+        }
+        for u in &mut self.upstreams {
+            u.password_file.iter_mut().for_each(fix);
+            u.ca.iter_mut().for_each(fix);
+        }
+        self.auth.issuer_keys.iter_mut().for_each(fix);
+        self.auth.revocation_file.iter_mut().for_each(fix);
+        self.auth.token_secret_file.iter_mut().for_each(fix);
     }
 
     /// The embedded default.
@@ -832,6 +858,31 @@ anonymous = ["push"]
                 .unbuilt()
                 .is_empty()
         );
+    }
+
+    /// Regression (issue 11): `key revoke`, `gc` and `fsck` run from another directory
+    /// with a relative `storage.path` opened a store of their own and reported success.
+    #[test]
+    fn relative_paths_are_read_from_the_config_files_directory() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("outpost.toml");
+        std::fs::write(
+            &file,
+            "[server]\nlisten=[\"127.0.0.1:0\"]\npublic_url=\"http://x\"\n\
+             [storage]\npath=\"data\"\n[auth]\nissuer_keys=[\"keys/issuer.pub\", \"/abs/k.pub\"]\n\
+             revocation_file=\"revoked\"\n",
+        )
+        .expect("write");
+        let c = Config::load(&file).expect("valid");
+        assert_eq!(c.storage.path, dir.path().join("data"));
+        assert_eq!(
+            c.auth.issuer_keys,
+            vec![
+                dir.path().join("keys/issuer.pub"),
+                PathBuf::from("/abs/k.pub")
+            ]
+        );
+        assert_eq!(c.auth.revocation_file, Some(dir.path().join("revoked")));
     }
 
     #[test]
