@@ -358,9 +358,7 @@ fn puller(principal: &Principal) -> Option<Puller<'_>> {
 mod tests {
     use super::*;
     use crate::auth::keys::tests::signing_key;
-    use crate::auth::{
-        AccessRule, Actions, AuthSettings, KeyRequest, Policy, RevocationSet, Secret, issue_key,
-    };
+    use crate::auth::{Actions, KeyRequest, RevocationSet, Secret, issue_key};
 
     const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7));
     const OTHER_PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 8));
@@ -369,32 +367,11 @@ mod tests {
         name.parse().expect("valid name")
     }
 
-    /// Anonymous pull of `docker.io/**`; authenticated pull of `team/**`; two failed
-    /// authentications per minute per address.
+    /// The auth module's test authenticator (anonymous pull of `docker.io/**`,
+    /// authenticated pull of `team/**`), with two failed authentications per minute per
+    /// address.
     fn access() -> Access {
-        let policy = Policy::new(vec![
-            AccessRule {
-                repositories: vec!["docker.io/**".to_owned()],
-                anonymous: Actions::PULL,
-                ..AccessRule::default()
-            },
-            AccessRule {
-                repositories: vec!["team/**".to_owned()],
-                authenticated: Actions::PULL,
-                ..AccessRule::default()
-            },
-        ])
-        .expect("valid policy");
-        let authenticator = Authenticator::new(
-            AuthSettings {
-                issuers: vec![signing_key(1).verifying_key()],
-                token_secret: [9; 32],
-                token_ttl: Duration::from_secs(300),
-                policy,
-                service: "outpost.test".to_owned(),
-            },
-            RevocationSet::default(),
-        );
+        let authenticator = crate::auth::tests::authenticator(RevocationSet::default());
         let config = crate::config::Config::from_toml(
             "[server]\nlisten = [\"127.0.0.1:5000\"]\npublic_url = \"http://outpost.test:5000\"\n\
              [storage]\npath = \"/nonexistent\"\n",

@@ -466,7 +466,7 @@ impl fmt::Debug for Authenticator {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::keys::tests::{T0, at, issue, signing_key};
     use super::*;
 
@@ -483,7 +483,7 @@ mod tests {
     }
 
     /// Anonymous pull of `docker.io/**`; authenticated pull of `team/**`.
-    fn authenticator(revocations: RevocationSet) -> Authenticator {
+    pub(crate) fn authenticator(revocations: RevocationSet) -> Authenticator {
         let policy = Policy::new(vec![
             AccessRule {
                 repositories: vec!["docker.io/**".to_owned()],

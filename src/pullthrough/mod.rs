@@ -1019,29 +1019,56 @@ mod tests {
         server.stop().await;
     }
 
-    /// A manifest the central registry serves Outpost's anonymous client teaches the
-    /// central login service that the repository is anonymous there; the lesson is a
-    /// tracked task that `close` waits for.
+    /// A pull-through over the fake upstream of [`upstream`], and repository `a/b` of it.
+    struct Fixture {
+        down: Arc<AtomicBool>,
+        server: TestServer,
+        _dir: tempfile::TempDir,
+        pt: PullThrough,
+        upstream: UpstreamHandle,
+        remote: RepoName,
+        canonical: RepoName,
+    }
+
+    impl Fixture {
+        async fn new() -> Fixture {
+            let down = Arc::new(AtomicBool::new(false));
+            let server = upstream(down.clone()).await;
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (pt, _) = pull_through(&server.url(), dir.path());
+            let upstream = pt
+                .upstreams()
+                .by_name("up.example")
+                .expect("upstream")
+                .clone();
+            Fixture {
+                down,
+                server,
+                _dir: dir,
+                pt,
+                upstream,
+                remote: name("a/b"),
+                canonical: name("up.example/a/b"),
+            }
+        }
+
+        fn target(&self) -> Target<'_> {
+            Target {
+                upstream: &self.upstream,
+                remote: &self.remote,
+                canonical: &self.canonical,
+            }
+        }
+    }
+
     /// A tag answer is trusted for the upstream's `tag_ttl` (no upstream request), then
     /// revalidated with one HEAD; while the upstream is out past the TTL, the last answer
     /// is served stale. Time moves under tokio's paused clock: no sleeping.
     #[tokio::test]
     async fn tag_answers_are_trusted_for_the_ttl_then_revalidated_with_head() {
-        let down = Arc::new(AtomicBool::new(false));
-        let server = upstream(down.clone()).await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (pt, _) = pull_through(&server.url(), dir.path());
-        let upstream = pt
-            .upstreams()
-            .by_name("up.example")
-            .expect("upstream")
-            .clone();
-        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
-        let t = Target {
-            upstream: &upstream,
-            remote: &remote,
-            canonical: &canonical,
-        };
+        let f = Fixture::new().await;
+        let (down, server, pt) = (&f.down, &f.server, &f.pt);
+        let t = f.target();
         let v1 = Reference::Tag("v1".parse().expect("tag"));
         let manifest_requests = |method: &str| {
             server
@@ -1088,21 +1115,9 @@ mod tests {
     /// that answer, stale; a client that accepts no stored type still gets the error.
     #[tokio::test]
     async fn offline_a_stored_answer_of_an_accepted_type_serves_other_accept_headers() {
-        let down = Arc::new(AtomicBool::new(false));
-        let server = upstream(down.clone()).await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (pt, _) = pull_through(&server.url(), dir.path());
-        let upstream = pt
-            .upstreams()
-            .by_name("up.example")
-            .expect("upstream")
-            .clone();
-        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
-        let t = Target {
-            upstream: &upstream,
-            remote: &remote,
-            canonical: &canonical,
-        };
+        let f = Fixture::new().await;
+        let (down, pt) = (&f.down, &f.pt);
+        let t = f.target();
         let v1 = Reference::Tag("v1".parse().expect("tag"));
         let first = pt.manifest(&t, &v1, None).await.expect("fetched");
         down.store(true, Ordering::SeqCst);
@@ -1119,6 +1134,9 @@ mod tests {
         );
     }
 
+    /// A manifest the central registry serves Outpost's anonymous client teaches the
+    /// central login service that the repository is anonymous there; the lesson is a
+    /// tracked task that `close` waits for.
     #[tokio::test]
     async fn central_learning_is_done_when_close_returns() {
         use crate::auth::central::Puller;
