@@ -513,6 +513,12 @@ impl PullThrough {
         }
         let ctx = self.ctx(t);
         self.blobs.settle(digest).await;
+        // Look again: a download for this repository may have committed between the
+        // first look and the settling (regression: the blob was then asked of the
+        // upstream, which, offline, failed a pull of a blob just served).
+        if let Some(handle) = self.store.open_blob(t.canonical, digest).await? {
+            return Ok(BlobAnswer::Stored(handle));
+        }
         if self.store.stored_blob_size(digest).await?.is_some() {
             // Stored for another repository: serve it here only once the upstream
             // confirms this repository has it.
