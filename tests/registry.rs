@@ -195,6 +195,14 @@ async fn blob_bytes_are_identical_over_http1_and_h2c() {
         blob_lines.iter().all(|l| l.contains("complete=true")),
         "{logs}"
     );
+    // Durations are whole microseconds (issue 12: no float noise such as 0.24952900000000003).
+    for line in &blob_lines {
+        let us = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("elapsed_us="))
+            .unwrap_or_else(|| panic!("no elapsed_us in {line}"));
+        assert!(us.parse::<u64>().is_ok(), "{line}");
+    }
 }
 
 /// Pipelined HTTP/1.1: several requests written at once, answered in order on one
