@@ -452,6 +452,23 @@ async fn offline_serves_last_known_answers() {
         metric(&server, "outpost_upstream_up{upstream=\"docker.io\"}", &[]).await < 1.0,
         "breaker open"
     );
+    // Regression (issue 12): the 503 an open breaker answers says when to come back.
+    // (A request that happens to be the breaker's probe fails on the refused connection
+    // instead and re-opens it; the next one is answered by the breaker.)
+    let mut retry = None;
+    for _ in 0..3 {
+        let r = get(&server, "/v2/docker.io/library/web/manifests/another").await;
+        assert_eq!(r.status(), 503);
+        retry = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if retry.is_some() {
+            break;
+        }
+    }
+    let retry = retry.expect("a Retry-After in seconds from the open breaker");
+    assert!((1..=2).contains(&retry), "breaker_cooldown is 1s: {retry}");
 
     // A stalled (hung) upstream: the client still gets the stale answer.
     fake.set_down(false);

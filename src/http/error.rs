@@ -235,6 +235,18 @@ impl From<CacheError> for ApiError {
                     None => e,
                 }
             }
+            CacheError::Upstream(UpstreamError::CircuitOpen {
+                message,
+                retry_after,
+            }) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                format!("the upstream is unavailable and nothing is cached: {message}"),
+            )
+            .with_header(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            ),
             CacheError::Upstream(UpstreamError::Unavailable(reason)) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,

@@ -79,9 +79,16 @@ pub enum UpstreamError {
     /// 429 (or the breaker held open by a 429's `Retry-After`).
     #[error("rate limited by the upstream{}", retry_hint(*.retry_after))]
     RateLimited { retry_after: Option<Duration> },
-    /// Connect error, timeout, reset, 5xx, circuit open. The message says which.
+    /// Connect error, timeout, reset, 5xx. The message says which.
     #[error("upstream unavailable: {0}")]
     Unavailable(String),
+    /// The circuit breaker is open after repeated failures: the upstream is not asked
+    /// until `retry_after` has passed (then one probe is let through).
+    #[error("upstream unavailable: {message}")]
+    CircuitOpen {
+        message: String,
+        retry_after: Duration,
+    },
     /// The upstream broke the protocol (oversized manifest, bad header, 206 missing...),
     /// or its configuration (password file, CA file) cannot be used.
     #[error("upstream answered something invalid: {0}")]
@@ -101,7 +108,9 @@ impl UpstreamError {
     pub fn is_outage(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Unavailable(_) | UpstreamError::RateLimited { .. }
+            UpstreamError::Unavailable(_)
+                | UpstreamError::CircuitOpen { .. }
+                | UpstreamError::RateLimited { .. }
         )
     }
 }
@@ -541,15 +550,23 @@ impl Inner {
             }) => Err(UpstreamError::RateLimited {
                 retry_after: Some(retry_in),
             }),
-            Err(Refusal::Open { retry_in, .. }) => Err(UpstreamError::Unavailable(format!(
-                "circuit open for {} after repeated failures; next attempt in {}s",
-                self.name,
-                retry_in.as_secs() + 1
-            ))),
-            Err(Refusal::Probing) => Err(UpstreamError::Unavailable(format!(
-                "circuit open for {}: half-open, a probe request is in flight",
-                self.name
-            ))),
+            Err(Refusal::Open { retry_in, .. }) => Err(UpstreamError::CircuitOpen {
+                message: format!(
+                    "circuit open for {} after repeated failures; next attempt in {}s",
+                    self.name,
+                    retry_in.as_secs() + 1
+                ),
+                retry_after: retry_in + Duration::from_secs(1),
+            }),
+            // A probe decides within the read timeout; ask clients to come back after a
+            // second rather than hold them.
+            Err(Refusal::Probing) => Err(UpstreamError::CircuitOpen {
+                message: format!(
+                    "circuit open for {}: half-open, a probe request is in flight",
+                    self.name
+                ),
+                retry_after: Duration::from_secs(1),
+            }),
         }
     }
 

@@ -619,7 +619,8 @@ async fn breaker_opens_after_threshold_fails_fast_and_one_probe_closes_it() {
     let err = up.head_blob(&r, &d).await.expect_err("open");
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(
-        matches!(&err, UpstreamError::Unavailable(m) if m.starts_with("circuit open")),
+        matches!(&err, UpstreamError::CircuitOpen { message, retry_after }
+            if message.starts_with("circuit open") && !retry_after.is_zero()),
         "{err}"
     );
     assert_eq!(
@@ -639,7 +640,8 @@ async fn breaker_opens_after_threshold_fails_fast_and_one_probe_closes_it() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let err = up.head_blob(&r, &d).await.expect_err("probe in flight");
     assert!(
-        matches!(&err, UpstreamError::Unavailable(m) if m.starts_with("circuit open")),
+        matches!(&err, UpstreamError::CircuitOpen { message, retry_after }
+            if message.starts_with("circuit open") && !retry_after.is_zero()),
         "{err}"
     );
     assert_eq!(probe.await.expect("join"), Ok(3));
