@@ -7,19 +7,23 @@
 //! connection. The same [`execute`] runs the command whether the CLI opened the store
 //! itself (daemon stopped) or the daemon runs it on the CLI's behalf.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::auth::keyring;
 use crate::config::Config;
 use crate::mirror::Mirror;
+use crate::mirror::progress::Event;
 use crate::storage::{KeyRecord, Store, now_secs};
 
 /// Largest request line accepted: room for the claims of the largest API key.
@@ -55,6 +59,14 @@ pub enum AdminRequest {
     MirrorStatus {
         json: bool,
     },
+}
+
+/// One line from the daemon: a mirror run's progress as it happens, then the reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AdminLine {
+    Progress { progress: Event },
+    Reply(AdminReply),
 }
 
 /// The command's output and whether it found problems.
@@ -221,7 +233,13 @@ async fn handle(
     let reply = match serde_json::from_str::<AdminRequest>(&line) {
         Ok(AdminRequest::MirrorRun { jobs }) => {
             tracing::info!(command = "mirror_run", "admin command");
-            run_mirror(&mirror, &jobs).await
+            let (tx, rx) = mpsc::unbounded_channel();
+            let run = async move {
+                let reply = run_mirror(&mirror, &jobs, Some(&tx)).await;
+                drop(tx);
+                reply
+            };
+            tokio::join!(run, forward_progress(rx, &mut write)).0
         }
         Ok(request) => {
             tracing::info!(command = ?command_name(&request), "admin command");
@@ -237,10 +255,53 @@ async fn handle(
             failed: true,
         },
     };
-    let mut out = serde_json::to_vec(&reply)?;
+    let mut out = serde_json::to_vec(&AdminLine::Reply(reply))?;
     out.push(b'\n');
     write.write_all(&out).await?;
     Ok(())
+}
+
+/// How often byte counts of a mirror run are sent at most.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// Sends a mirror run's progress to the CLI as it happens, byte counts gathered up. A
+/// CLI that went away does not stop the run: its events are drained unsent.
+async fn forward_progress(mut rx: mpsc::UnboundedReceiver<Event>, write: &mut OwnedWriteHalf) {
+    let mut pending: BTreeMap<String, u64> = BTreeMap::new();
+    let mut last = tokio::time::Instant::now();
+    let mut gone = false;
+    let send = async |write: &mut OwnedWriteHalf, event: Event| {
+        let Ok(mut line) = serde_json::to_vec(&AdminLine::Progress { progress: event }) else {
+            return false;
+        };
+        line.push(b'\n');
+        write.write_all(&line).await.is_ok()
+    };
+    loop {
+        let event = rx.recv().await;
+        let flush = match &event {
+            Some(Event::Bytes { job, bytes }) => {
+                *pending.entry(job.clone()).or_default() += bytes;
+                last.elapsed() >= PROGRESS_EVERY
+            }
+            _ => true,
+        };
+        if flush && !gone {
+            for (job, bytes) in std::mem::take(&mut pending) {
+                gone |= !send(write, Event::Bytes { job, bytes }).await;
+            }
+            last = tokio::time::Instant::now();
+        }
+        match event {
+            None => return,
+            Some(Event::Bytes { .. }) => {}
+            Some(e) => {
+                if !gone {
+                    gone |= !send(write, e).await;
+                }
+            }
+        }
+    }
 }
 
 /// The command's name for the log (never its arguments).
@@ -256,9 +317,13 @@ fn command_name(request: &AdminRequest) -> &'static str {
     }
 }
 
-/// Runs mirror jobs and words the outcome as a reply.
-pub async fn run_mirror(mirror: &Mirror, jobs: &[String]) -> AdminReply {
-    match mirror.run(jobs).await {
+/// Runs mirror jobs, telling `progress`, and words the outcome as a reply.
+pub async fn run_mirror(
+    mirror: &Mirror,
+    jobs: &[String],
+    progress: Option<&mpsc::UnboundedSender<Event>>,
+) -> AdminReply {
+    match mirror.run(jobs, progress).await {
         Ok(reports) => {
             let (output, failed) = crate::mirror::summary(&reports);
             AdminReply { output, failed }
@@ -272,6 +337,16 @@ pub async fn run_mirror(mirror: &Mirror, jobs: &[String]) -> AdminReply {
 
 /// Sends `request` to the daemon listening on `path` and waits for its reply.
 pub fn request(path: &Path, request: &AdminRequest) -> anyhow::Result<AdminReply> {
+    request_with_progress(path, request, |_| {})
+}
+
+/// Sends `request` to the daemon listening on `path`, hands each progress event to
+/// `progress` as it comes, and returns the reply.
+pub fn request_with_progress(
+    path: &Path,
+    request: &AdminRequest,
+    mut progress: impl FnMut(&Event),
+) -> anyhow::Result<AdminReply> {
     use std::io::{BufRead, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
         anyhow::anyhow!(
@@ -283,9 +358,17 @@ pub fn request(path: &Path, request: &AdminRequest) -> anyhow::Result<AdminReply
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line)?;
-    let mut reply = String::new();
-    std::io::BufReader::new(stream).read_line(&mut reply)?;
-    Ok(serde_json::from_str(&reply)?)
+    let mut reader = std::io::BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            anyhow::bail!("the daemon closed the admin connection without a reply");
+        }
+        match serde_json::from_str(&line)? {
+            AdminLine::Progress { progress: e } => progress(&e),
+            AdminLine::Reply(reply) => return Ok(reply),
+        }
+    }
 }
 
 #[cfg(test)]

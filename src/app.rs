@@ -242,6 +242,7 @@ impl Daemon {
             upstreams.clone(),
             config.mirrors.clone(),
             metrics.clone(),
+            central.clone(),
         );
         let shutdown = CancellationToken::new();
         // This site's stable id: it places the site in each mirror job's jitter window,

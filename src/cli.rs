@@ -22,7 +22,7 @@ use crate::clientconfig::{
 };
 use crate::config::{Config, DEFAULT_TOML, parse_duration};
 use crate::metrics::Metrics;
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, progress};
 use crate::storage::{StorageError, Store, now_secs};
 use crate::upstream::Upstreams;
 
@@ -304,6 +304,7 @@ fn mirror_run(config: &Config, jobs: Vec<String>) -> anyhow::Result<Outcome> {
             unbuilt.join("\n")
         );
     }
+    let mut display = progress::Display::new();
     let reply = match Store::open(&config.storage.path, config.storage.db_cache) {
         Ok(store) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -316,13 +317,26 @@ fn mirror_run(config: &Config, jobs: Vec<String>) -> anyhow::Result<Outcome> {
                     upstreams,
                     config.mirrors.clone(),
                     Arc::new(Metrics::new()),
+                    None,
                 );
-                anyhow::Ok(admin::run_mirror(&mirror, &jobs).await)
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let run = async move {
+                    let reply = admin::run_mirror(&mirror, &jobs, Some(&tx)).await;
+                    drop(tx);
+                    reply
+                };
+                let show = async {
+                    while let Some(e) = rx.recv().await {
+                        display.show(&e);
+                    }
+                };
+                anyhow::Ok(tokio::join!(run, show).0)
             })?
         }
-        Err(StorageError::Locked) => admin::request(
+        Err(StorageError::Locked) => admin::request_with_progress(
             &admin::socket_path(config),
             &AdminRequest::MirrorRun { jobs },
+            |e| display.show(e),
         )?,
         Err(e) => return Err(e).context("opening the store"),
     };

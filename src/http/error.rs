@@ -265,6 +265,11 @@ impl From<CacheError> for ApiError {
                 ErrorCode::Unavailable,
                 "the upstream fetch was abandoned; retry",
             ),
+            e @ CacheError::PlatformLeftOut { .. } => ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::ManifestUnknown,
+                e.to_string(),
+            ),
         }
     }
 }

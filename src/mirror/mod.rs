@@ -11,11 +11,12 @@
 //! - `scheduler`: runs jobs with a `schedule` in the daemon (cron in UTC, the site's
 //!   jitter, one catch-up run for missed slots, retries with backoff).
 //!
-//! Not built yet (issue 9), and so refused by `Config::unbuilt` when set: `bandwidth`,
-//! `referrers = true`, `prune = true`, repository globs; an interrupted blob is fetched
-//! again rather than resumed with `Range`.
+//! - `bandwidth`: the job's token bucket; `progress`: live progress events and their
+//!   display for `outpost mirror run`.
 
+mod bandwidth;
 pub mod platform;
+pub mod progress;
 mod run;
 pub mod schedule;
 mod scheduler;

@@ -9,6 +9,13 @@
 //! is committed and verified, so a failed or cut-off run never changes what is served.
 //! Mirrored content lives under the canonical name `<upstream>/<repository>`, so both
 //! routing forms serve it through pull-through, from the store, online or not.
+//!
+//! A blob download that is cut off keeps its bytes in the store's partial file and the
+//! next attempt resumes with `Range` (the digest is checked over the whole file). With
+//! `referrers`, the referrers of each tag (the API, or the `sha256-<hex>` tag schema of
+//! registries without it) and their own referrers are mirrored with it. Each tag's
+//! record ([`MirroredTag`]) says what it pins; tags that left the selection are
+//! released (unpinned, and with `prune` no longer served).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,16 +25,21 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
+use super::bandwidth::Bucket;
+use super::progress::{self, Event, Sender};
 use super::{MirrorJob, RepoSelector};
+use crate::auth::central::CentralAuth;
 use crate::metrics::{Metrics, MirrorLabels, MirrorRunLabels};
 use crate::oci::manifest::Manifest;
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::pullthrough::ACCEPT_ANY;
 use crate::storage::{
-    AcceptClass, FetchedManifest, LinkOrigin, MirrorRunRecord, StorageError, Store, StreamError,
-    WriteError, now_secs,
+    AcceptClass, FetchedManifest, LinkOrigin, MirrorRunRecord, MirroredTag, StorageError, Store,
+    StreamError, WriteError, now_secs,
 };
-use crate::upstream::{Namespace, TagsPage, UpstreamError, UpstreamHandle, Upstreams};
+use crate::upstream::{
+    Namespace, TagsPage, UpstreamError, UpstreamHandle, UpstreamTags, Upstreams,
+};
 
 /// Pages of a tag list followed at most (a loop guard against an upstream whose `Link`
 /// never ends).
@@ -45,6 +57,16 @@ pub enum MirrorError {
 enum TagError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// A blob transfer broke off; its bytes so far are kept for the next attempt.
+    #[error(
+        "blob {digest} cut off after {kept} of {size} bytes (kept; the next run resumes): {source}"
+    )]
+    Cut {
+        digest: Digest,
+        kept: u64,
+        size: u64,
+        source: UpstreamError,
+    },
     /// The upstream's content failed verification or does not parse.
     #[error("{0}")]
     Invalid(String),
@@ -84,8 +106,26 @@ struct Inner {
     upstreams: Upstreams,
     jobs: Vec<MirrorJob>,
     metrics: Arc<Metrics>,
+    /// The central login service: learns which mirrored repositories are anonymous.
+    central: Option<Arc<CentralAuth>>,
     /// Jobs running now: a job never overlaps itself.
     running: Mutex<HashSet<String>>,
+    /// Blobs being downloaded, by digest: one writer per partial file, whichever runs
+    /// and jobs want the blob.
+    fetching: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Inner {
+    /// The lock of `digest`'s download, held while it is fetched.
+    fn fetch_lock(&self, digest: &Digest) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self
+            .fetching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Forget locks nobody holds or waits for, so the map stays small.
+        map.retain(|_, l| Arc::strong_count(l) > 1);
+        map.entry(digest.clone()).or_default().clone()
+    }
 }
 
 /// State shared by the jobs of one run: each blob is fetched once, however many tags
@@ -113,12 +153,23 @@ struct Fetched {
     bytes: u64,
 }
 
-/// The repository a tag is mirrored for.
-struct Repo<'a> {
+/// One job's part of a run.
+struct JobCtx<'a> {
     job: &'a MirrorJob,
     upstream: &'a UpstreamHandle,
+    state: &'a RunState,
+    /// The job's bandwidth cap, shared by all of its transfers.
+    bucket: Option<Bucket>,
+    progress: Option<&'a Sender>,
+}
+
+/// The repository a tag is mirrored for.
+struct Repo<'a> {
+    ctx: &'a JobCtx<'a>,
     remote: &'a RepoName,
     canonical: &'a RepoName,
+    /// Every tag the upstream lists (for the referrers tag schema).
+    tags: &'a HashSet<String>,
 }
 
 /// Releases a job's running mark and gauge however its run ends.
@@ -148,6 +199,7 @@ impl Mirror {
         upstreams: Upstreams,
         jobs: Vec<MirrorJob>,
         metrics: Arc<Metrics>,
+        central: Option<Arc<CentralAuth>>,
     ) -> Mirror {
         Mirror {
             inner: Arc::new(Inner {
@@ -155,14 +207,21 @@ impl Mirror {
                 upstreams,
                 jobs,
                 metrics,
+                central,
                 running: Mutex::default(),
+                fetching: Mutex::default(),
             }),
         }
     }
 
     /// Runs the jobs named (every job when none is), one after the other, sharing
-    /// fetched blobs. A job already running is reported as failed, not run twice.
-    pub async fn run(&self, names: &[String]) -> Result<Vec<JobReport>, MirrorError> {
+    /// fetched blobs, telling `progress` as it goes. A job already running is reported
+    /// as failed, not run twice.
+    pub async fn run(
+        &self,
+        names: &[String],
+        progress: Option<&Sender>,
+    ) -> Result<Vec<JobReport>, MirrorError> {
         let jobs: Vec<&MirrorJob> = if names.is_empty() {
             self.inner.jobs.iter().collect()
         } else {
@@ -180,7 +239,7 @@ impl Mirror {
         let state = RunState::default();
         let mut reports = Vec::new();
         for job in jobs {
-            reports.push(self.run_job(job, &state, None).await);
+            reports.push(self.run_job(job, &state, None, progress).await);
         }
         Ok(reports)
     }
@@ -191,7 +250,7 @@ impl Mirror {
         let Some(job) = self.inner.jobs.iter().find(|j| j.name == name) else {
             return false;
         };
-        self.run_job(job, &RunState::default(), Some(slot))
+        self.run_job(job, &RunState::default(), Some(slot), None)
             .await
             .ok()
     }
@@ -221,7 +280,13 @@ impl Mirror {
         .map_err(|_| StorageError::Task)?
     }
 
-    async fn run_job(&self, job: &MirrorJob, state: &RunState, slot: Option<u64>) -> JobReport {
+    async fn run_job(
+        &self,
+        job: &MirrorJob,
+        state: &RunState,
+        slot: Option<u64>,
+        progress: Option<&Sender>,
+    ) -> JobReport {
         let inner = &self.inner;
         let mut report = JobReport {
             job: job.name.clone(),
@@ -249,12 +314,19 @@ impl Mirror {
         let started = now_secs();
         let clock = Instant::now();
         tracing::info!(job = %job.name, upstream = %job.upstream, "mirror run started");
+        progress::send(progress, || Event::Started {
+            job: job.name.clone(),
+        });
         match inner.upstreams.by_name(&job.upstream) {
             Some(upstream) => {
-                for selector in &job.repositories {
-                    self.mirror_repository(job, upstream, selector, state, &mut report)
-                        .await;
-                }
+                let ctx = JobCtx {
+                    job,
+                    upstream,
+                    state,
+                    bucket: job.bandwidth.map(Bucket::new),
+                    progress,
+                };
+                self.mirror_job(&ctx, &mut report).await;
             }
             None => report.failed.push((
                 job.upstream.clone(),
@@ -263,57 +335,121 @@ impl Mirror {
         }
         report.duration = clock.elapsed();
         self.finish(job, started, slot, &report).await;
+        progress::send(progress, || Event::Finished {
+            job: job.name.clone(),
+            ok: report.ok(),
+        });
         report
     }
 
-    async fn mirror_repository(
-        &self,
-        job: &MirrorJob,
-        upstream: &UpstreamHandle,
-        selector: &RepoSelector,
-        state: &RunState,
-        report: &mut JobReport,
-    ) {
-        let name = match selector {
-            RepoSelector::Name(n) => n,
-            RepoSelector::Glob(g) => {
-                report.failed.push((
-                    g.clone(),
-                    "repository globs need the upstream's _catalog, which mirroring does not \
-                     read yet; list the repositories"
-                        .to_owned(),
-                ));
+    /// Every repository of the job, then the release of what it no longer mirrors.
+    async fn mirror_job(&self, ctx: &JobCtx<'_>, report: &mut JobReport) {
+        let job = ctx.job;
+        let mut names: Vec<RepoName> = Vec::new();
+        let mut complete = true;
+        let mut catalog: Option<Vec<String>> = None;
+        for selector in &job.repositories {
+            match selector {
+                RepoSelector::Name(n) => names.push(n.clone()),
+                RepoSelector::Glob(g) => {
+                    if catalog.is_none() {
+                        let client = ctx.upstream.client();
+                        let listed =
+                            list_all(|p| async move { client.catalog(&p).await }, "repositories")
+                                .await;
+                        match listed {
+                            Ok(c) => catalog = Some(c),
+                            Err(e) => {
+                                complete = false;
+                                report.failed.push((g.clone(), catalog_refused(ctx, &e)));
+                                continue;
+                            }
+                        }
+                    }
+                    let matched = glob_matches(g, catalog.as_deref().unwrap_or_default());
+                    if matched.is_empty() {
+                        tracing::warn!(job = %job.name, glob = %g, "no repository of the upstream's catalog matches");
+                    }
+                    names.extend(matched);
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        let mut done = HashSet::new();
+        for name in &names {
+            match self.mirror_repository(ctx, name, report).await {
+                Some(canonical) => {
+                    done.insert(canonical.to_string());
+                }
+                None => complete = false,
+            }
+        }
+        // Repositories the job held tags in and no longer selects: release them all,
+        // but only when the selection is known in full (a catalog or listing that failed
+        // says nothing about what left).
+        if !complete {
+            return;
+        }
+        let held = match self.inner.store.mirrored_repos(&job.name).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(job = %job.name, error = %e, "reading mirrored repositories failed");
                 return;
             }
         };
-        let Some((canonical, remote)) = self.names(upstream, name) else {
+        for repo in held.into_iter().filter(|r| !done.contains(r)) {
+            if let Ok(repo) = repo.parse::<RepoName>() {
+                self.release(job, &repo, Vec::new()).await;
+            }
+        }
+    }
+
+    /// Mirrors the selected tags of one repository. Returns its canonical name when its
+    /// tags could be listed (the selection is known), `None` otherwise.
+    async fn mirror_repository(
+        &self,
+        ctx: &JobCtx<'_>,
+        name: &RepoName,
+        report: &mut JobReport,
+    ) -> Option<RepoName> {
+        let job = ctx.job;
+        let Some((canonical, remote)) = self.names(ctx.upstream, name) else {
             report.failed.push((
                 name.to_string(),
                 "not a repository name of this upstream".to_owned(),
             ));
-            return;
+            return None;
         };
-        let tags = match list_tags(upstream, &remote).await {
+        let client = ctx.upstream.client();
+        let at = &remote;
+        let tags = match list_all(|p| async move { client.tags(at, &p).await }, "tags").await {
             Ok(t) => t,
             Err(e) => {
                 report
                     .failed
                     .push((canonical.to_string(), format!("listing tags: {e}")));
-                return;
+                return None;
             }
         };
+        self.learn_anonymous(ctx.upstream, &remote).await;
+        let all: HashSet<String> = tags.iter().cloned().collect();
         let selected = job.tags.select(tags.iter().map(String::as_str));
+        progress::send(ctx.progress, || Event::Selected {
+            job: job.name.clone(),
+            tags: selected.len() as u64,
+        });
         let repo = Repo {
-            job,
-            upstream,
+            ctx,
             remote: &remote,
             canonical: &canonical,
+            tags: &all,
         };
-        let outcomes: Vec<(String, TagOutcome)> = futures_util::stream::iter(selected)
+        let outcomes: Vec<(String, TagOutcome)> = futures_util::stream::iter(selected.clone())
             .map(|tag| {
                 let repo = &repo;
                 async move {
-                    let outcome = self.mirror_tag(repo, &tag, state).await;
+                    let outcome = self.mirror_tag(repo, &tag).await;
                     (tag, outcome)
                 }
             })
@@ -321,24 +457,85 @@ impl Mirror {
             .collect()
             .await;
         for (tag, outcome) in outcomes {
+            let shown = format!("{canonical}:{tag}");
             match outcome {
                 Ok((change, fetched)) => {
-                    match change {
-                        Change::Added => report.tags_added += 1,
-                        Change::Updated => report.tags_updated += 1,
-                        Change::Unchanged => report.tags_unchanged += 1,
-                    }
+                    let word = match change {
+                        Change::Added => {
+                            report.tags_added += 1;
+                            "added"
+                        }
+                        Change::Updated => {
+                            report.tags_updated += 1;
+                            "updated"
+                        }
+                        Change::Unchanged => {
+                            report.tags_unchanged += 1;
+                            "unchanged"
+                        }
+                    };
                     report.blobs_fetched += fetched.blobs;
                     report.blobs_present += fetched.present;
                     report.bytes_fetched += fetched.bytes;
+                    progress::send(ctx.progress, || Event::Tag {
+                        job: job.name.clone(),
+                        tag: shown,
+                        outcome: word.to_owned(),
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(job = %job.name, repo = %canonical, %tag, error = %e, "mirroring a tag failed");
-                    report
-                        .failed
-                        .push((format!("{canonical}:{tag}"), e.to_string()));
+                    progress::send(ctx.progress, || Event::Tag {
+                        job: job.name.clone(),
+                        tag: shown.clone(),
+                        outcome: format!("failed: {e}"),
+                    });
+                    report.failed.push((shown, e.to_string()));
                 }
             }
+        }
+        self.release(job, &canonical, selected).await;
+        Some(canonical)
+    }
+
+    /// Releases the tags of `repo` that `job` no longer selects (`keep` is what it does).
+    async fn release(&self, job: &MirrorJob, repo: &RepoName, keep: Vec<String>) {
+        match self
+            .inner
+            .store
+            .release_mirrored_tags(&job.name, repo, keep, job.prune)
+            .await
+        {
+            Ok(r) if !r.tags.is_empty() => tracing::info!(
+                job = %job.name,
+                %repo,
+                released = ?r.tags,
+                pruned = ?r.pruned,
+                unpinned_blobs = r.unpinned,
+                "tags left the job's selection"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(job = %job.name, %repo, error = %e, "releasing mirrored tags failed");
+            }
+        }
+    }
+
+    /// When the job mirrors from the central registry of logins, learns whether it
+    /// serves `remote` anonymously, so anonymous pulls of mirrored content are judged
+    /// offline on fresh knowledge.
+    async fn learn_anonymous(&self, upstream: &UpstreamHandle, remote: &RepoName) {
+        let Some(central) = &self.inner.central else {
+            return;
+        };
+        if !central.is_central(upstream.id()) {
+            return;
+        }
+        if central.learns_anonymous() {
+            // The tag list was just served to Outpost's anonymous client.
+            central.learn_anonymous(remote).await;
+        } else {
+            central.ask_anonymous(remote).await;
         }
     }
 
@@ -353,71 +550,61 @@ impl Mirror {
         }
     }
 
-    async fn mirror_tag(&self, repo: &Repo<'_>, tag: &str, state: &RunState) -> TagOutcome {
+    async fn mirror_tag(&self, repo: &Repo<'_>, tag: &str) -> TagOutcome {
         let store = &self.inner.store;
+        let job = repo.ctx.job;
         let tag: Tag = tag
             .parse()
             .map_err(|_| TagError::Invalid(format!("{tag:?} is not a valid tag")))?;
-        let client = repo.upstream.client();
         let before = store
             .tag_freshness(repo.canonical, &tag, AcceptClass::Any)
             .await?
             .map(|f| f.digest);
-        let reference = Reference::Tag(tag.clone());
-        let head = client
-            .manifest(repo.remote, &reference, ACCEPT_ANY, true)
-            .await?;
         let mut fetched = Fetched::default();
-        let (digest, prefetched) = match head.digest {
-            Some(d) => (d, None),
-            // No digest announced: the body decides.
-            None => {
-                let got = client
-                    .manifest(repo.remote, &reference, ACCEPT_ANY, false)
-                    .await?;
-                (Digest::sha256_of(&got.body), Some(got))
-            }
-        };
+        let (digest, prefetched) = self.resolve(repo, &tag).await?;
         let (body, manifest) = match prefetched {
-            Some(got) => parse(&digest, got.body, got.media_type.as_deref())?,
+            Some(got) => got,
             None => self.manifest(repo, &digest).await?,
         };
-        if !manifest.manifests.is_empty() {
-            for child in &manifest.manifests {
-                let wanted = repo.job.platforms.is_empty()
-                    || child.platform.as_ref().is_some_and(|p| {
-                        repo.job
-                            .platforms
-                            .iter()
-                            .any(|f| f.matches(&p.os, &p.architecture, p.variant.as_deref()))
-                    });
-                if !wanted {
-                    continue;
-                }
-                let (child_body, child_manifest) = self.manifest(repo, &child.digest).await?;
-                self.blobs(repo, &child_manifest, state, &mut fetched)
+        let mut record = MirroredTag {
+            digest: digest.to_string(),
+            manifests: vec![digest.to_string()],
+            tags: Vec::new(),
+        };
+        for child in &manifest.manifests {
+            let wanted = job.platforms.is_empty()
+                || child.platform.as_ref().is_some_and(|p| {
+                    job.platforms
+                        .iter()
+                        .any(|f| f.matches(&p.os, &p.architecture, p.variant.as_deref()))
+                });
+            if wanted {
+                self.store_manifest(repo, &child.digest, &mut fetched)
                     .await?;
-                store
-                    .put_fetched_manifest(FetchedManifest {
-                        repo: repo.canonical.clone(),
-                        digest: child.digest.clone(),
-                        body: child_body,
-                        manifest: child_manifest,
-                        tag: None,
-                    })
-                    .await?;
+                record.manifests.push(child.digest.to_string());
             }
         }
-        self.blobs(repo, &manifest, state, &mut fetched).await?;
+        self.blobs(repo, &manifest, &mut fetched).await?;
+        let mut extra_tags = Vec::new();
+        if job.referrers {
+            self.referrers(repo, &digest, &mut record, &mut extra_tags, &mut fetched)
+                .await?;
+        }
+        record.tags = extra_tags.iter().map(|(t, _)| t.clone()).collect();
         // Everything the tag references is committed: now it may point here.
         store
-            .put_fetched_manifest(FetchedManifest {
-                repo: repo.canonical.clone(),
-                digest: digest.clone(),
-                body,
-                manifest,
-                tag: Some((tag, AcceptClass::Any)),
-            })
+            .flip_mirrored_tag(
+                &job.name,
+                FetchedManifest {
+                    repo: repo.canonical.clone(),
+                    digest: digest.clone(),
+                    body,
+                    manifest,
+                    tag: Some((tag, AcceptClass::Any)),
+                },
+                extra_tags,
+                record,
+            )
             .await?;
         let change = match before {
             None => Change::Added,
@@ -425,6 +612,116 @@ impl Mirror {
             Some(_) => Change::Updated,
         };
         Ok((change, fetched))
+    }
+
+    /// What `tag` points to at the upstream: one `HEAD`, or a `GET` (whose body is then
+    /// kept) when the upstream names no digest.
+    async fn resolve(
+        &self,
+        repo: &Repo<'_>,
+        tag: &Tag,
+    ) -> Result<(Digest, Option<(Bytes, Manifest)>), TagError> {
+        let client = repo.ctx.upstream.client();
+        let reference = Reference::Tag(tag.clone());
+        let head = client
+            .manifest(repo.remote, &reference, ACCEPT_ANY, true)
+            .await?;
+        if let Some(d) = head.digest {
+            return Ok((d, None));
+        }
+        let got = client
+            .manifest(repo.remote, &reference, ACCEPT_ANY, false)
+            .await?;
+        let digest = Digest::sha256_of(&got.body);
+        let parsed = parse(&digest, got.body, got.media_type.as_deref())?;
+        Ok((digest, Some(parsed)))
+    }
+
+    /// Stores manifest `digest` of the repository, untagged, with every blob it needs:
+    /// a selected platform's image, or a referrer. Returns the manifest.
+    async fn store_manifest(
+        &self,
+        repo: &Repo<'_>,
+        digest: &Digest,
+        fetched: &mut Fetched,
+    ) -> Result<Manifest, TagError> {
+        let (body, manifest) = self.manifest(repo, digest).await?;
+        self.blobs(repo, &manifest, fetched).await?;
+        self.inner
+            .store
+            .put_fetched_manifest(FetchedManifest {
+                repo: repo.canonical.clone(),
+                digest: digest.clone(),
+                body,
+                manifest: manifest.clone(),
+                tag: None,
+            })
+            .await?;
+        Ok(manifest)
+    }
+
+    /// Mirrors the referrers of `subject` and, one level down, theirs (the signatures of
+    /// an SBOM): through the referrers API, and through the `sha256-<hex>` tag schema
+    /// (`sha256-<hex>` index, `.sig`, `.att`, `.sbom`) that registries without the API
+    /// and cosign use. Adds what it stored to `record` and the schema tags it found to
+    /// `extra_tags`.
+    async fn referrers(
+        &self,
+        repo: &Repo<'_>,
+        subject: &Digest,
+        record: &mut MirroredTag,
+        extra_tags: &mut Vec<(String, Digest)>,
+        fetched: &mut Fetched,
+    ) -> Result<(), TagError> {
+        let client = repo.ctx.upstream.client();
+        let mut level = vec![subject.clone()];
+        for _depth in 0..2 {
+            let mut found: Vec<Digest> = Vec::new();
+            for subject in &level {
+                match client.referrers(repo.remote, subject, None).await {
+                    Ok(r) => found.extend(index_children(&r.body)?),
+                    // No referrers API (distribution 2.8): the tag schema below.
+                    Err(UpstreamError::NotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let base = format!("{}-{}", subject.algorithm().as_str(), subject.hex());
+                for suffix in ["", ".sig", ".att", ".sbom"] {
+                    let name = format!("{base}{suffix}");
+                    if !repo.tags.contains(&name) {
+                        continue;
+                    }
+                    let tag: Tag = name
+                        .parse()
+                        .map_err(|_| TagError::Invalid(format!("{name:?} is not a valid tag")))?;
+                    let (digest, _) = self.resolve(repo, &tag).await?;
+                    let manifest = self.store_manifest(repo, &digest, fetched).await?;
+                    if suffix.is_empty() {
+                        // The fallback index lists the referrers.
+                        found.extend(manifest.manifests.iter().map(|m| m.digest.clone()));
+                    } else {
+                        found.push(digest.clone());
+                    }
+                    record.manifests.push(digest.to_string());
+                    extra_tags.push((name, digest));
+                }
+            }
+            let mut next = Vec::new();
+            for digest in found {
+                if record.manifests.contains(&digest.to_string()) && !next.contains(&digest) {
+                    // Stored through its tag above; still look for its own referrers.
+                    next.push(digest);
+                    continue;
+                }
+                if next.contains(&digest) {
+                    continue;
+                }
+                self.store_manifest(repo, &digest, fetched).await?;
+                record.manifests.push(digest.to_string());
+                next.push(digest);
+            }
+            level = next;
+        }
+        Ok(())
     }
 
     /// A manifest of the repository by digest: from the store, or fetched and verified.
@@ -442,6 +739,7 @@ impl Mirror {
             return parse(digest, m.body, Some(&m.media_type));
         }
         let got = repo
+            .ctx
             .upstream
             .client()
             .manifest(
@@ -459,19 +757,22 @@ impl Mirror {
         &self,
         repo: &Repo<'_>,
         manifest: &Manifest,
-        state: &RunState,
         fetched: &mut Fetched,
     ) -> Result<(), TagError> {
         let store = &self.inner.store;
         for blob in manifest.required_blobs() {
-            let cell = state.blob(&blob.digest);
+            let cell = repo.ctx.state.blob(&blob.digest);
             let mut done = cell.lock().await;
             if !*done {
-                if store.stored_blob_size(&blob.digest).await?.is_some() {
-                    fetched.present += 1;
-                } else {
-                    fetched.bytes += self.fetch_blob(repo, &blob.digest, blob.size).await?;
-                    fetched.blobs += 1;
+                match self.fetch_blob(repo, &blob.digest, blob.size).await? {
+                    Some(bytes) => {
+                        fetched.bytes += bytes;
+                        fetched.blobs += 1;
+                        progress::send(repo.ctx.progress, || Event::Blob {
+                            job: repo.ctx.job.name.clone(),
+                        });
+                    }
+                    None => fetched.present += 1,
                 }
                 *done = true;
             } else {
@@ -488,34 +789,107 @@ impl Mirror {
         Ok(())
     }
 
-    /// Downloads a blob through the store's blob writer, verifies it and commits it
-    /// pinned to the repository. Returns its size.
+    /// Downloads a blob that is not stored yet through the store's blob writer, resuming
+    /// what an earlier attempt left, verifies it and commits it pinned to the
+    /// repository. Returns the bytes received, or `None` when it was stored already.
     async fn fetch_blob(
         &self,
         repo: &Repo<'_>,
         digest: &Digest,
         size: u64,
-    ) -> Result<u64, TagError> {
-        let resp = repo.upstream.client().blob(repo.remote, digest, 0).await?;
-        let mut writer = self.inner.store.blob_writer(digest.algorithm()).await?;
-        match writer.write_stream(resp.body, Some(size)).await {
-            Ok(_) => {}
-            Err(StreamError::Body(e)) => return Err(e.into()),
-            Err(StreamError::TooLong) => {
-                return Err(TagError::Invalid(format!(
-                    "upstream sent more than the {size} bytes of blob {digest}"
-                )));
+    ) -> Result<Option<u64>, TagError> {
+        let store = &self.inner.store;
+        let lock = self.inner.fetch_lock(digest);
+        let _fetching = lock.lock().await;
+        if store.stored_blob_size(digest).await?.is_some() {
+            return Ok(None);
+        }
+        let mut received = 0;
+        let mut resume = true;
+        loop {
+            let have = if resume {
+                store.partial_len(digest).await?
+            } else {
+                0
+            };
+            // More than the blob holds cannot be a prefix of it.
+            let have = if have > size { 0 } else { have };
+            let (writer, start) = if have == size && size > 0 {
+                // Complete on disk already (cut off before it was verified).
+                (store.resumable_writer(digest, have).await?, have)
+            } else {
+                let resp = repo
+                    .ctx
+                    .upstream
+                    .client()
+                    .blob(repo.remote, digest, have)
+                    .await?;
+                let start = resp.offset;
+                if start < have {
+                    tracing::info!(%digest, have, "the upstream ignored Range: fetching the whole blob");
+                }
+                let mut writer = store.resumable_writer(digest, start).await?;
+                let body = Box::pin(self.paced(repo.ctx, resp.body));
+                match writer.write_stream(body, Some(size - start)).await {
+                    Ok(n) => received += n,
+                    Err(StreamError::Body(source)) => {
+                        let kept = writer.keep_partial().await.map_err(write_error)?;
+                        return Err(TagError::Cut {
+                            digest: digest.clone(),
+                            kept,
+                            size,
+                            source,
+                        });
+                    }
+                    Err(StreamError::TooLong) => {
+                        return Err(TagError::Invalid(format!(
+                            "upstream sent more than the {size} bytes of blob {digest}"
+                        )));
+                    }
+                    Err(StreamError::Write(e)) => return Err(write_error(e)),
+                }
+                (writer, start)
+            };
+            match writer.verify(digest).await {
+                Ok(verified) if verified.size() != size => {
+                    return Err(TagError::Invalid(format!(
+                        "blob {digest} has {} bytes, the manifest says {size}",
+                        verified.size()
+                    )));
+                }
+                Ok(verified) => {
+                    verified.commit(repo.canonical, LinkOrigin::Mirror).await?;
+                    return Ok(Some(received));
+                }
+                // What an earlier attempt left was not a prefix of the blob (the writer
+                // removed it): fetch the whole blob once more.
+                Err(WriteError::DigestMismatch { .. }) if start > 0 && resume => {
+                    tracing::warn!(%digest, start, "a resumed blob did not verify: fetching it whole");
+                    resume = false;
+                }
+                Err(e) => return Err(write_error(e)),
             }
-            Err(StreamError::Write(e)) => return Err(write_error(e)),
         }
-        let verified = writer.verify(digest).await.map_err(write_error)?;
-        if verified.size() != size {
-            return Err(TagError::Invalid(format!(
-                "blob {digest} has {} bytes, the manifest says {size}",
-                verified.size()
-            )));
-        }
-        Ok(verified.commit(repo.canonical, LinkOrigin::Mirror).await?)
+    }
+
+    /// `body`, held to the job's bandwidth cap and counted for progress.
+    fn paced<'a>(
+        &self,
+        ctx: &'a JobCtx<'a>,
+        body: impl futures_util::Stream<Item = Result<Bytes, UpstreamError>> + Send + 'a,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, UpstreamError>> + Send + 'a {
+        body.then(move |chunk| async move {
+            if let Ok(c) = &chunk {
+                if let Some(bucket) = &ctx.bucket {
+                    bucket.take(c.len()).await;
+                }
+                progress::send(ctx.progress, || Event::Bytes {
+                    job: ctx.job.name.clone(),
+                    bytes: c.len() as u64,
+                });
+            }
+            chunk
+        })
     }
 
     /// Records the run durably and in metrics, and logs its summary.
@@ -620,28 +994,30 @@ fn parse(
     Ok((body, manifest))
 }
 
-/// A tag list page as registries send it.
-#[derive(Deserialize)]
-struct TagList {
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-}
-
-/// Every tag of `remote`, following the `Link` pagination of the upstream.
-async fn list_tags(upstream: &UpstreamHandle, remote: &RepoName) -> Result<Vec<String>, TagError> {
-    let mut tags = Vec::new();
-    let mut page = TagsPage {
-        n: None,
-        last: None,
-    };
+/// Every entry of a paginated list (`tags` of a tag list, `repositories` of the
+/// catalog), following the upstream's `Link` pagination.
+async fn list_all<F, Fut>(mut fetch: F, field: &str) -> Result<Vec<String>, TagError>
+where
+    F: FnMut(TagsPage) -> Fut,
+    Fut: std::future::Future<Output = Result<UpstreamTags, UpstreamError>>,
+{
+    let mut items = Vec::new();
+    let mut page = TagsPage::default();
     for _ in 0..MAX_TAG_PAGES {
-        let got = upstream.client().tags(remote, &page).await?;
-        let list: TagList = serde_json::from_slice(&got.body)
-            .map_err(|e| TagError::Invalid(format!("tag list: {e}")))?;
-        let fresh = list.tags.unwrap_or_default();
+        let got = fetch(page.clone()).await?;
+        let list: serde_json::Value = serde_json::from_slice(&got.body)
+            .map_err(|e| TagError::Invalid(format!("{field} list: {e}")))?;
+        let fresh: Vec<String> = match list.get(field) {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            Some(serde_json::Value::Null) | None => Vec::new(),
+            Some(_) => return Err(TagError::Invalid(format!("{field} list is not a list"))),
+        };
         let next = got.link.as_deref().and_then(next_page);
         let last = fresh.last().cloned();
-        tags.extend(fresh);
+        items.extend(fresh);
         match (next, last) {
             (Some(n), Some(last)) if page.last.as_ref() != Some(&last) => {
                 page = TagsPage {
@@ -649,10 +1025,63 @@ async fn list_tags(upstream: &UpstreamHandle, remote: &RepoName) -> Result<Vec<S
                     last: Some(n.last.unwrap_or(last)),
                 };
             }
-            _ => return Ok(tags),
+            _ => return Ok(items),
         }
     }
-    Ok(tags)
+    Ok(items)
+}
+
+/// Why a glob could not be expanded, for the operator.
+fn catalog_refused(ctx: &JobCtx<'_>, e: &TagError) -> String {
+    match e {
+        TagError::Upstream(UpstreamError::NotFound | UpstreamError::Denied) => format!(
+            "repository globs need the upstream's _catalog, and {} does not serve it to \
+             Outpost ({e}); list the repositories explicitly",
+            ctx.upstream.name()
+        ),
+        _ => format!("reading the upstream's _catalog for a repository glob: {e}"),
+    }
+}
+
+/// The repositories of `catalog` that `glob` matches (`*` within a path segment, `**`
+/// across segments).
+fn glob_matches(glob: &str, catalog: &[String]) -> Vec<RepoName> {
+    let Ok(matcher) = globset::GlobBuilder::new(glob)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+    else {
+        return Vec::new();
+    };
+    catalog
+        .iter()
+        .filter(|r| matcher.is_match(r.as_str()))
+        .filter_map(|r| r.parse().ok())
+        .collect()
+}
+
+/// The manifests a referrers index (or an image index) lists.
+fn index_children(body: &[u8]) -> Result<Vec<Digest>, TagError> {
+    #[derive(Deserialize)]
+    struct Index {
+        #[serde(default)]
+        manifests: Vec<Descriptor>,
+    }
+    #[derive(Deserialize)]
+    struct Descriptor {
+        digest: String,
+    }
+    let index: Index = serde_json::from_slice(body)
+        .map_err(|e| TagError::Invalid(format!("referrers index: {e}")))?;
+    index
+        .manifests
+        .into_iter()
+        .map(|d| {
+            d.digest
+                .parse()
+                .map_err(|_| TagError::Invalid(format!("referrers index names {:?}", d.digest)))
+        })
+        .collect()
 }
 
 /// The `n` and `last` of a `Link: </v2/…/tags/list?n=…&last=…>; rel="next"` header.

@@ -63,6 +63,13 @@ pub enum CacheError {
     /// or was cancelled); the next request starts a new one.
     #[error("the upstream fetch was abandoned")]
     Abandoned,
+    /// The manifest is an image of a stored index that was mirrored without it (the
+    /// job's platforms left it out), and the upstream cannot be asked.
+    #[error(
+        "the {platform} image of this index is not mirrored here (the mirror job's \
+         platforms leave it out) and the upstream is unreachable"
+    )]
+    PlatformLeftOut { platform: String },
 }
 
 impl CacheError {
@@ -320,7 +327,18 @@ impl PullThrough {
             fetch_manifest(&ctx, &reference, ACCEPT_ANY, None).await
         });
         let coalesced = waiter.joined;
-        let manifest = waiter.wait().await.unwrap_or(Err(CacheError::Abandoned))?;
+        let manifest = match waiter.wait().await.unwrap_or(Err(CacheError::Abandoned)) {
+            Ok(m) => m,
+            Err(e) if e.is_outage() => {
+                return Err(
+                    match self.store.left_out_platform(t.canonical, digest).await? {
+                        Some(platform) => CacheError::PlatformLeftOut { platform },
+                        None => e,
+                    },
+                );
+            }
+            Err(e) => return Err(e),
+        };
         Ok(ManifestAnswer {
             manifest,
             source: Source::Fetched,

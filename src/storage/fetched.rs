@@ -67,37 +67,44 @@ impl Store {
     /// repository is its answer that the repository holds them.
     pub async fn put_fetched_manifest(&self, put: FetchedManifest) -> Result<(), StorageError> {
         self.blocking(move |i| {
-            let now = now_secs();
             let _guard = i.commit_lock.read().map_err(|_| StorageError::Task)?;
             let txn = i.db.begin_write()?;
-            {
-                let r = put.repo.as_str();
-                store_manifest_rows(&txn, &put.repo, &put.digest, &put.body, &put.manifest, now)?;
-                let blobs = txn.open_table(BLOBS)?;
-                let mut links = txn.open_table(REPO_BLOBS)?;
-                for d in put.manifest.required_blobs() {
-                    let key = (r, d.digest.as_str());
-                    if blobs.get(d.digest.as_str())?.is_some() && links.get(key)?.is_none() {
-                        let link = LinkRecord {
-                            origin: LinkOrigin::Upstream,
-                            linked_at: now,
-                        };
-                        links.insert(key, link.encode().as_slice())?;
-                    }
-                }
-                if let Some((tag, class)) = &put.tag {
-                    let record = TagRecord::encode(now, put.digest.as_str());
-                    txn.open_table(UPSTREAM_TAGS)?
-                        .insert((r, tag.as_str(), *class as u8), record.as_slice())?;
-                    if *class == AcceptClass::Any {
-                        txn.open_table(TAGS)?
-                            .insert((r, tag.as_str()), record.as_slice())?;
-                    }
-                }
-            }
+            fetched_manifest_rows(&txn, &put, now_secs())?;
             txn.commit()?;
             Ok(())
         })
         .await
     }
+}
+
+/// The rows of [`Store::put_fetched_manifest`], in the caller's transaction.
+pub(super) fn fetched_manifest_rows(
+    txn: &redb::WriteTransaction,
+    put: &FetchedManifest,
+    now: u64,
+) -> Result<(), StorageError> {
+    let r = put.repo.as_str();
+    store_manifest_rows(txn, &put.repo, &put.digest, &put.body, &put.manifest, now)?;
+    let blobs = txn.open_table(BLOBS)?;
+    let mut links = txn.open_table(REPO_BLOBS)?;
+    for d in put.manifest.required_blobs() {
+        let key = (r, d.digest.as_str());
+        if blobs.get(d.digest.as_str())?.is_some() && links.get(key)?.is_none() {
+            let link = LinkRecord {
+                origin: LinkOrigin::Upstream,
+                linked_at: now,
+            };
+            links.insert(key, link.encode().as_slice())?;
+        }
+    }
+    if let Some((tag, class)) = &put.tag {
+        let record = TagRecord::encode(now, put.digest.as_str());
+        txn.open_table(UPSTREAM_TAGS)?
+            .insert((r, tag.as_str(), *class as u8), record.as_slice())?;
+        if *class == AcceptClass::Any {
+            txn.open_table(TAGS)?
+                .insert((r, tag.as_str()), record.as_slice())?;
+        }
+    }
+    Ok(())
 }

@@ -1,5 +1,9 @@
-//! Blob files on disk: the content-addressed layout, temp and upload files, and the
-//! crash-safe commit (write → fsync → rename → fsync directory).
+//! Blob files on disk: the content-addressed layout, temp, upload and partial files, and
+//! the crash-safe commit (write → fsync → rename → fsync directory).
+//!
+//! Partial files (`partial/<algorithm>-<hex>`) are mirrored downloads that were cut off:
+//! unlike temp files they survive a restart, so the next run resumes them with `Range`;
+//! gc removes those untouched for its grace period.
 //!
 //! Invariant: a file under `blobs/` is always complete and verified, because nothing is
 //! ever written there except by an atomic rename of an fsynced, digest-checked file.
@@ -27,6 +31,7 @@ pub struct BlobFiles {
     blobs: PathBuf,
     tmp: PathBuf,
     uploads: PathBuf,
+    partial: PathBuf,
 }
 
 impl BlobFiles {
@@ -36,8 +41,9 @@ impl BlobFiles {
             blobs: root.join("blobs"),
             tmp: root.join("tmp"),
             uploads: root.join("uploads"),
+            partial: root.join("partial"),
         };
-        for dir in [&files.blobs, &files.tmp, &files.uploads] {
+        for dir in [&files.blobs, &files.tmp, &files.uploads, &files.partial] {
             fs::create_dir_all(dir)?;
         }
         for entry in fs::read_dir(&files.tmp)? {
@@ -64,6 +70,16 @@ impl BlobFiles {
 
     pub fn uploads_dir(&self) -> &Path {
         &self.uploads
+    }
+
+    /// Where a resumable download of `digest` keeps its bytes until verified.
+    pub fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.partial
+            .join(format!("{}-{}", digest.algorithm().as_str(), digest.hex()))
+    }
+
+    pub fn partial_dir(&self) -> &Path {
+        &self.partial
     }
 
     /// A fresh, unique temp file path on the same filesystem as the blobs.

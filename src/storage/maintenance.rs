@@ -168,7 +168,8 @@ fn old_enough(path: &std::path::Path, grace: Duration) -> bool {
         .is_some_and(|age| age >= grace)
 }
 
-/// Blob files without a record, and upload files without a session, past the grace period.
+/// Blob files without a record, upload files without a session, and partial downloads
+/// nothing has written to, past the grace period.
 fn remove_strays(inner: &Inner, grace: Duration) -> Result<u64, StorageError> {
     let txn = inner.db.begin_read()?;
     let blobs = txn.open_table(BLOBS)?;
@@ -192,6 +193,13 @@ fn remove_strays(inner: &Inner, grace: Duration) -> Result<u64, StorageError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         if uploads.get(name.as_str())?.is_none() && old_enough(&entry.path(), grace) {
             remove_if_exists(&entry.path())?;
+            removed += 1;
+        }
+    }
+    for entry in std::fs::read_dir(inner.files.partial_dir())? {
+        let path = entry?.path();
+        if old_enough(&path, grace) {
+            remove_if_exists(&path)?;
             removed += 1;
         }
     }

@@ -44,7 +44,7 @@ use schema::*;
 pub use fetched::FetchedManifest;
 pub use files::FileRange;
 pub use maintenance::{FsckReport, GcReport};
-pub use mirrored::MirrorRunRecord;
+pub use mirrored::{MirrorRunRecord, MirroredTag};
 pub use schema::{CentralDecisionRecord, CentralUserRecord, KeyRecord, LinkOrigin, ReferrerRecord};
 pub use uploads::UploadError;
 pub use upstream_tags::AcceptClass;
@@ -234,6 +234,7 @@ impl Store {
             txn.open_table(REVOKED_KEYS)?;
             txn.open_table(KNOWN_KEYS)?;
             txn.open_table(MIRROR_RUNS)?;
+            txn.open_table(MIRROR_TAGS)?;
             txn.open_table(UPSTREAM_TAGS)?;
             txn.open_table(BLOB_ACCESS)?;
             txn.open_table(CENTRAL_USERS)?;
@@ -562,15 +563,26 @@ impl Inner {
                     BlobRecord { size, created: now }.encode().as_slice(),
                 )?;
             }
-            txn.open_table(REPO_BLOBS)?.insert(
-                (repo.as_str(), digest.as_str()),
-                LinkRecord {
-                    origin,
-                    linked_at: now,
-                }
-                .encode()
-                .as_slice(),
-            )?;
+            let mut links = txn.open_table(REPO_BLOBS)?;
+            let key = (repo.as_str(), digest.as_str());
+            let existing = match links.get(key)? {
+                Some(v) => Some(LinkRecord::decode(v.value())?.origin),
+                None => None,
+            };
+            // A pin (upload or mirror) is never lowered by a pull-through confirmation,
+            // and a mirror never turns an upload into something evictable.
+            if existing.is_none_or(|e| e == LinkOrigin::Upstream) {
+                links.insert(
+                    key,
+                    LinkRecord {
+                        origin,
+                        linked_at: now,
+                    }
+                    .encode()
+                    .as_slice(),
+                )?;
+            }
+            drop(links);
             let mut repos = txn.open_table(REPOS)?;
             if repos.get(repo.as_str())?.is_none() {
                 repos.insert(repo.as_str(), now)?;

@@ -50,6 +50,10 @@ pub const KNOWN_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("known
 /// mirror job name → `[v1][JSON of MirrorRunRecord]`: the job's last run, for
 /// `outpost mirror status`.
 pub const MIRROR_RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("mirror_runs");
+/// (mirror job, repository, tag) → `[v1][JSON of MirroredTag]`: what the job last made the
+/// tag point to, and every manifest and extra tag that came with it (the pins).
+pub const MIRROR_TAGS: TableDefinition<(&str, &str, &str), &[u8]> =
+    TableDefinition::new("mirror_tags");
 
 const V1: u8 = 1;
 

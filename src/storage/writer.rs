@@ -17,7 +17,8 @@
 //!
 //! Must not: know HTTP, or let a part file become visible as a blob before its digest
 //! checked out. A part file of a download is removed when its writer (or verified blob)
-//! is dropped uncommitted; temp files a crash left behind are swept at start-up.
+//! is dropped uncommitted; temp files a crash left behind are swept at start-up. A
+//! resumable download's part file stays (until gc's grace period) for the next attempt.
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -74,6 +75,9 @@ enum Part {
     Temp,
     /// Upload session `id` under `uploads/`: kept for the session's next request.
     Upload(String),
+    /// A resumable download under `partial/`: kept for the next attempt to resume, unless
+    /// its bytes proved wrong.
+    Partial,
 }
 
 /// A part file that is removed when dropped, unless it belongs to an upload session.
@@ -161,6 +165,39 @@ impl Store {
         });
         BlobWriter::open(self.inner.clone(), file, offset, hasher).await
     }
+
+    /// Bytes already on disk from an earlier, cut-off resumable download of `digest`.
+    pub async fn partial_len(&self, digest: &Digest) -> Result<u64, StorageError> {
+        let path = self.inner.files.partial_path(digest);
+        tokio::task::spawn_blocking(move || match std::fs::metadata(path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(StorageError::Io(e)),
+        })
+        .await
+        .map_err(|_| StorageError::Task)?
+    }
+
+    /// A writer for a resumable download of `digest`, appending at `offset` (what
+    /// [`Store::partial_len`] said, or 0 to start over: anything past it is cut off).
+    /// The bytes before `offset` are re-hashed, so the digest is checked over the whole
+    /// file. The file outlives the writer unless committed or proven wrong.
+    pub async fn resumable_writer(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<BlobWriter, StorageError> {
+        let file = PartFile {
+            path: self.inner.files.partial_path(digest),
+            part: Part::Partial,
+        };
+        let hasher = if offset == 0 {
+            HashState::Known(Box::new(Hasher::new(digest.algorithm())))
+        } else {
+            HashState::Rehash(digest.algorithm())
+        };
+        BlobWriter::open(self.inner.clone(), file, offset, hasher).await
+    }
 }
 
 /// The hash of the bytes a part file holds when a writer opens it.
@@ -187,7 +224,10 @@ impl BlobWriter {
         start: u64,
         hasher: HashState,
     ) -> Result<BlobWriter, StorageError> {
-        let (path, create) = (file.path.clone(), matches!(file.part, Part::Temp));
+        let (path, create) = (
+            file.path.clone(),
+            matches!(file.part, Part::Temp | Part::Partial),
+        );
         let handle = tokio::task::spawn_blocking(move || {
             let f = std::fs::OpenOptions::new()
                 .create(create)
@@ -282,7 +322,12 @@ impl BlobWriter {
                         ended = true;
                         break;
                     }
-                    Some(Err(e)) => return Err(StreamError::Body(e)),
+                    Some(Err(e)) => {
+                        // What arrived before the failure is kept: a resumable download
+                        // continues after it. (An upload cuts it back; a temp file goes.)
+                        let _ = self.write(batch).await;
+                        return Err(StreamError::Body(e));
+                    }
                     Some(Ok(chunk)) => {
                         bytes += chunk.len();
                         batch.push(chunk);
@@ -335,6 +380,11 @@ impl BlobWriter {
                 .finish()
         };
         if &actual != digest {
+            if matches!(self.file.part, Part::Partial) {
+                // Bytes that hash wrong must not be resumed from.
+                let path = self.file.path.clone();
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+            }
             return Err(WriteError::DigestMismatch {
                 expected: digest.clone(),
                 actual,
@@ -347,6 +397,12 @@ impl BlobWriter {
             digest: digest.clone(),
             size,
         })
+    }
+
+    /// Stops a resumable download that was cut off, once every byte handed over is on
+    /// disk. Returns the part file's length: where the next attempt resumes.
+    pub async fn keep_partial(mut self) -> Result<u64, WriteError> {
+        Ok(self.drain().await?.0)
     }
 
     /// Ends an append that went well: the new length and the hash state covering it.
@@ -400,7 +456,7 @@ impl VerifiedBlob {
             i.files.commit(&file.path, &digest)?;
             let upload = match &file.part {
                 Part::Upload(id) => Some(id.as_str()),
-                Part::Temp => None,
+                Part::Temp | Part::Partial => None,
             };
             i.link(&repo, &digest, Some(size), origin, upload)?;
             if origin == LinkOrigin::Upstream {

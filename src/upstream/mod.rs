@@ -57,6 +57,22 @@ pub const USER_AGENT: &str = concat!("outpost/", env!("CARGO_PKG_VERSION"));
 /// Largest tag list or referrers index [`Upstream::tags`] and [`Upstream::referrers`] read.
 pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 
+/// The query string of a paginated list (`?n=…&last=…`, escaped), or nothing.
+fn page_query(page: &TagsPage) -> String {
+    let mut query = Vec::new();
+    if let Some(n) = page.n {
+        query.push(format!("n={n}"));
+    }
+    if let Some(last) = &page.last {
+        query.push(format!("last={}", escape(last)));
+    }
+    if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", query.join("&"))
+    }
+}
+
 /// Longest `Retry-After` obeyed: a bogus date must not shut an upstream out for days.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -128,6 +144,9 @@ pub struct UpstreamManifest {
 /// A blob download in progress. The stream ends with an error item (and nothing after)
 /// if the upstream fails or stalls mid-body; the caller verifies the digest.
 pub struct UpstreamBlob {
+    /// Where the body starts in the blob: the offset asked for, or 0 when the upstream
+    /// ignored the `Range` and sent the whole blob.
+    pub offset: u64,
     /// `Content-Length` of this response (the remaining bytes when resuming).
     pub size: Option<u64>,
     pub body: Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>,
@@ -233,10 +252,18 @@ enum Credential {
 struct Call<'a> {
     method: Method,
     url: String,
-    repo: &'a RepoName,
+    /// The repository asked about; `None` for the registry's `_catalog`.
+    repo: Option<&'a RepoName>,
     accept: Option<&'a str>,
     /// Sends `Range: bytes=<from>-` when non-zero.
     range_from: u64,
+}
+
+impl Call<'_> {
+    /// What the call is about, for the log.
+    fn target(&self) -> &str {
+        self.repo.map_or("_catalog", RepoName::as_str)
+    }
 }
 
 impl Upstream {
@@ -290,7 +317,7 @@ impl Upstream {
         let call = Call {
             method: if head { Method::HEAD } else { Method::GET },
             url: self.inner.url(repo, &format!("manifests/{reference}")),
-            repo,
+            repo: Some(repo),
             accept: Some(accept),
             range_from: 0,
         };
@@ -323,7 +350,9 @@ impl Upstream {
     }
 
     /// GET `/v2/<repo>/blobs/<digest>` from byte `offset`, following redirects (CDNs).
-    /// With `offset > 0` sends `Range: bytes=<offset>-` and requires a 206 starting there.
+    /// With `offset > 0` sends `Range: bytes=<offset>-` and takes a 206 starting there, or
+    /// a 200 with the whole blob (an upstream that ignores `Range`: see
+    /// [`UpstreamBlob::offset`]).
     pub async fn blob(
         &self,
         repo: &RepoName,
@@ -333,15 +362,16 @@ impl Upstream {
         let call = Call {
             method: Method::GET,
             url: self.inner.url(repo, &format!("blobs/{digest}")),
-            repo,
+            repo: Some(repo),
             accept: None,
             range_from: offset,
         };
         let inner = &self.inner;
         inner
             .run(&call, |resp| async move {
-                inner.check_range(&resp, offset)?;
+                let offset = inner.check_range(&resp, offset)?;
                 Ok(UpstreamBlob {
+                    offset,
                     size: content_length(resp.headers()),
                     body: Box::pin(body_stream(
                         inner.clone(),
@@ -359,7 +389,7 @@ impl Upstream {
         let call = Call {
             method: Method::HEAD,
             url: self.inner.url(repo, &format!("blobs/{digest}")),
-            repo,
+            repo: Some(repo),
             accept: None,
             range_from: 0,
         };
@@ -383,18 +413,7 @@ impl Upstream {
         repo: &RepoName,
         page: &TagsPage,
     ) -> Result<UpstreamTags, UpstreamError> {
-        let mut query = Vec::new();
-        if let Some(n) = page.n {
-            query.push(format!("n={n}"));
-        }
-        if let Some(last) = &page.last {
-            query.push(format!("last={}", escape(last)));
-        }
-        let tail = if query.is_empty() {
-            "tags/list".to_owned()
-        } else {
-            format!("tags/list?{}", query.join("&"))
-        };
+        let tail = format!("tags/list{}", page_query(page));
         let doc = self.document(repo, &tail).await?;
         Ok(UpstreamTags {
             content_type: doc.content_type,
@@ -422,11 +441,34 @@ impl Upstream {
         })
     }
 
+    /// GET `/v2/_catalog`, one `page` of it: the repositories the upstream lists (many
+    /// registries refuse this to robots, or answer 404). The body is capped at
+    /// [`MAX_DOCUMENT_BYTES`].
+    pub async fn catalog(&self, page: &TagsPage) -> Result<UpstreamTags, UpstreamError> {
+        let url = format!("{}/v2/_catalog{}", self.inner.base, page_query(page));
+        let doc = self.get_document(None, url).await?;
+        Ok(UpstreamTags {
+            content_type: doc.content_type,
+            link: doc.link,
+            body: doc.body,
+        })
+    }
+
     /// GET a small JSON document at `/v2/<repo>/<tail>`, `tail` already escaped.
     async fn document(&self, repo: &RepoName, tail: &str) -> Result<Document, UpstreamError> {
+        self.get_document(Some(repo), self.inner.url(repo, tail))
+            .await
+    }
+
+    /// GET a small JSON document at `url`, about `repo`.
+    async fn get_document(
+        &self,
+        repo: Option<&RepoName>,
+        url: String,
+    ) -> Result<Document, UpstreamError> {
         let call = Call {
             method: Method::GET,
-            url: self.inner.url(repo, tail),
+            url,
             repo,
             accept: None,
             range_from: 0,
@@ -582,7 +624,7 @@ impl Inner {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(
-                    upstream = %self.name, repo = %call.repo, error = %e,
+                    upstream = %self.name, repo = call.target(), error = %e,
                     "upstream call refused"
                 );
                 return Err(e);
@@ -602,11 +644,11 @@ impl Inner {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok(_) | Err(UpstreamError::NotFound | UpstreamError::Denied) => tracing::debug!(
-                upstream = %self.name, repo = %call.repo, method = %call.method, status, elapsed_ms,
+                upstream = %self.name, repo = call.target(), method = %call.method, status, elapsed_ms,
                 "upstream request"
             ),
             Err(e) => tracing::warn!(
-                upstream = %self.name, repo = %call.repo, method = %call.method, status, elapsed_ms,
+                upstream = %self.name, repo = call.target(), method = %call.method, status, elapsed_ms,
                 error = %e, "upstream request failed"
             ),
         }
@@ -616,7 +658,10 @@ impl Inner {
     /// Sends `call`, answering one auth challenge: a Bearer challenge with a token for
     /// `repository:<repo>:pull`, a Basic one with the configured credentials.
     async fn call(&self, call: &Call<'_>) -> Result<reqwest::Response, UpstreamError> {
-        let scope = format!("repository:{}:pull", call.repo);
+        let scope = match call.repo {
+            Some(repo) => format!("repository:{repo}:pull"),
+            None => "registry:catalog:*".to_owned(),
+        };
         let sent = self.upfront_credential(&scope).await?;
         let resp = self.send(|| self.request(call, sent.as_ref())).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
@@ -783,15 +828,15 @@ impl Inner {
     }
 
     /// A blob answer must be 200 from the start, or 206 from exactly `offset`.
-    fn check_range(&self, resp: &reqwest::Response, offset: u64) -> Result<(), UpstreamError> {
+    fn check_range(&self, resp: &reqwest::Response, offset: u64) -> Result<u64, UpstreamError> {
         let invalid = |m: String| UpstreamError::Invalid(format!("{}: {m}", self.name));
         let status = resp.status();
+        if status == StatusCode::OK {
+            // The whole blob: asked for, or the upstream ignores `Range`.
+            return Ok(0);
+        }
         if offset == 0 {
-            return if status == StatusCode::OK {
-                Ok(())
-            } else {
-                Err(invalid(format!("blob GET answered {status}, expected 200")))
-            };
+            return Err(invalid(format!("blob GET answered {status}, expected 200")));
         }
         if status != StatusCode::PARTIAL_CONTENT {
             return Err(invalid(format!(
@@ -799,7 +844,7 @@ impl Inner {
             )));
         }
         match header_str(resp.headers(), CONTENT_RANGE.as_str()).and_then(content_range_start) {
-            Some(start) if start == offset => Ok(()),
+            Some(start) if start == offset => Ok(offset),
             Some(start) => Err(invalid(format!(
                 "asked for bytes={offset}- and got a range starting at {start}"
             ))),

@@ -352,6 +352,20 @@ impl CentralAuth {
         self.record(ANONYMOUS, repo, true).await;
     }
 
+    /// Asks the central registry whether it serves `remote` to anyone and remembers the
+    /// answer (a mirror run does this for each repository it mirrors with credentials of
+    /// its own, so anonymous pulls of mirrored content are judged on fresh knowledge
+    /// while the central registry is unreachable). No answer changes nothing.
+    pub async fn ask_anonymous(&self, remote: &RepoName) {
+        match self.upstream.check_pull(None, remote).await {
+            Ok(PullCheck::Allowed) => self.record(ANONYMOUS, remote.as_str(), true).await,
+            Ok(PullCheck::Denied | PullCheck::NotFound) => {
+                self.record(ANONYMOUS, remote.as_str(), false).await;
+            }
+            Ok(PullCheck::BadCredentials) | Err(_) => {}
+        }
+    }
+
     /// Whether `remote` may be listed (`_catalog`) to `who`: only from remembered
     /// answers, the caller's own or the anonymous ones, within `offline_grace`. Listing
     /// never asks the central registry, so a repository the caller has not pulled yet
