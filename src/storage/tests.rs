@@ -491,3 +491,195 @@ async fn eviction_never_removes_mirrored_blobs_and_mirror_runs_are_durable() {
         vec![("apps".to_owned(), record)]
     );
 }
+
+/// An image manifest of `blobs` (the first is its config), stored for `repo`.
+fn image_manifest(repo: &RepoName, blobs: &[&Digest], sizes: u64) -> FetchedManifest {
+    let layers: Vec<serde_json::Value> = blobs[1..]
+        .iter()
+        .map(|d| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d.to_string(), "size": sizes}))
+        .collect();
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blobs[0].to_string(), "size": sizes},
+        "layers": layers,
+    })
+    .to_string();
+    let manifest = crate::oci::manifest::Manifest::parse(body.as_bytes(), None).expect("manifest");
+    FetchedManifest {
+        repo: repo.clone(),
+        digest: Digest::sha256_of(body.as_bytes()),
+        body: Bytes::from(body),
+        manifest,
+        tag: None,
+    }
+}
+
+/// Mirrors `tag` of `repo` for job `job` to an image of the given blobs (stored, pinned).
+async fn mirror_tag(store: &Store, job: &str, repo: &RepoName, tag: &str, blobs: &[&Digest]) {
+    for d in blobs {
+        assert!(store.pin_blob(repo, d).await.expect("pin"));
+    }
+    let mut put = image_manifest(repo, blobs, 1000);
+    let record = MirroredTag {
+        digest: put.digest.to_string(),
+        manifests: vec![put.digest.to_string()],
+        tags: vec![],
+    };
+    put.tag = Some((tag.parse().expect("tag"), AcceptClass::Any));
+    store
+        .flip_mirrored_tag(job, put, Vec::new(), record)
+        .await
+        .expect("flip");
+}
+
+/// Regression: a pull-through confirmation of a blob a mirror job had pinned rewrote its
+/// link as a pull-through one, and eviction could then take mirrored content.
+#[tokio::test]
+async fn a_pull_through_confirmation_never_unpins_mirrored_content() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let mirrored = repo("central.corp/team/app");
+    let blob = fetch(&store, &mirrored, &[b'x'; 1000]).await;
+    assert!(store.pin_blob(&mirrored, &blob).await.expect("pin"));
+    assert!(store.link_confirmed(&mirrored, &blob).await.expect("link"));
+    assert_eq!(store.evict(0).await.expect("evict").evicted_blobs, 0);
+    assert!(
+        store
+            .open_blob(&mirrored, &blob)
+            .await
+            .expect("open")
+            .is_some()
+    );
+}
+
+/// Tags that leave a job's selection keep being served but lose their pins (their blobs
+/// become evictable, the kept tag's do not); with `prune` they are no longer served.
+#[tokio::test]
+async fn tags_that_leave_the_selection_are_unpinned_and_removed_only_with_prune() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("central.corp/team/app");
+    let shared = fetch(&store, &r, &[b's'; 1000]).await;
+    let old = fetch(&store, &r, &[b'o'; 1000]).await;
+    let new = fetch(&store, &r, &[b'n'; 1000]).await;
+    mirror_tag(&store, "apps", &r, "v1", &[&shared, &old]).await;
+    mirror_tag(&store, "apps", &r, "v2", &[&shared, &new]).await;
+    let tag = |t: &str| crate::oci::Reference::Tag(t.parse().expect("tag"));
+
+    let released = store
+        .release_mirrored_tags("apps", &r, vec!["v2".into()], false)
+        .await
+        .expect("release");
+    assert_eq!(released.tags, vec!["v1"]);
+    assert!(released.pruned.is_empty());
+    assert_eq!(released.unpinned, 1, "only v1's own blob loses its pin");
+    assert!(
+        store
+            .get_manifest(&r, &tag("v1"))
+            .await
+            .expect("get")
+            .is_some()
+    );
+    let evicted = store.evict(0).await.expect("evict");
+    assert_eq!(evicted.evicted_blobs, 1);
+    assert!(store.open_blob(&r, &old).await.expect("open").is_none());
+    for d in [&shared, &new] {
+        assert!(store.open_blob(&r, d).await.expect("open").is_some());
+    }
+
+    let released = store
+        .release_mirrored_tags("apps", &r, Vec::new(), true)
+        .await
+        .expect("prune");
+    assert_eq!(
+        (released.tags.clone(), released.pruned),
+        (vec!["v2".to_owned()], vec!["v2".to_owned()])
+    );
+    assert!(
+        store
+            .get_manifest(&r, &tag("v2"))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert_eq!(store.evict(0).await.expect("evict").evicted_blobs, 2);
+    assert!(
+        store
+            .mirrored_repos("apps")
+            .await
+            .expect("repos")
+            .is_empty()
+    );
+}
+
+/// A resumable download that was cut off keeps its bytes across a restart, resumes from
+/// them (the digest is checked over the whole file), and gc removes an abandoned one only
+/// after its grace period.
+#[tokio::test]
+async fn a_cut_off_download_resumes_after_a_restart_and_gc_removes_abandoned_ones() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("central.corp/team/app");
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = Digest::sha256_of(&content);
+    let mut writer = store.resumable_writer(&digest, 0).await.expect("writer");
+    let cut = futures_util::stream::iter(vec![
+        Ok(Bytes::copy_from_slice(&content[..100_000])),
+        Err(io::Error::other("connection reset")),
+    ]);
+    assert!(matches!(
+        writer.write_stream(cut, None).await,
+        Err(StreamError::Body(_))
+    ));
+    assert_eq!(writer.keep_partial().await.expect("keep"), 100_000);
+    drop(store);
+
+    let store = open(&dir);
+    assert_eq!(store.partial_len(&digest).await.expect("len"), 100_000);
+    let mut writer = store
+        .resumable_writer(&digest, 100_000)
+        .await
+        .expect("resume");
+    writer
+        .write_stream(body(&content[100_000..]), None)
+        .await
+        .map_err(|_| "write")
+        .expect("rest");
+    let verified = writer
+        .verify(&digest)
+        .await
+        .expect("the whole file verifies");
+    assert_eq!(verified.size(), 300_000);
+    verified
+        .commit(&r, LinkOrigin::Mirror)
+        .await
+        .expect("commit");
+    assert_eq!(store.partial_len(&digest).await.expect("len"), 0);
+
+    // A prefix that is not the blob's is removed when it fails to verify.
+    let other = Digest::sha256_of(b"another blob");
+    let mut writer = store.resumable_writer(&other, 0).await.expect("writer");
+    writer
+        .write(vec![Bytes::from_static(b"garbage")])
+        .await
+        .expect("write");
+    assert!(matches!(
+        writer.verify(&other).await,
+        Err(WriteError::DigestMismatch { .. })
+    ));
+    assert_eq!(store.partial_len(&other).await.expect("len"), 0);
+
+    // An abandoned partial file: kept within the grace period, then removed.
+    let third = Digest::sha256_of(b"third");
+    let mut writer = store.resumable_writer(&third, 0).await.expect("writer");
+    writer
+        .write(vec![Bytes::from_static(b"thi")])
+        .await
+        .expect("write");
+    writer.keep_partial().await.expect("keep");
+    store.gc(HOUR, HOUR).expect("gc");
+    assert_eq!(store.partial_len(&third).await.expect("len"), 3);
+    store.gc(Duration::ZERO, HOUR).expect("gc");
+    assert_eq!(store.partial_len(&third).await.expect("len"), 0);
+}

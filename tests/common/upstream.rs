@@ -471,6 +471,29 @@ impl UpstreamRegistry {
             .unwrap_or_default()
     }
 
+    /// Cuts the next blob body longer than `bytes` off after `bytes` (with `redirect`).
+    pub fn cut_next_blob_after(&self, bytes: u64) {
+        if let Some((_, s)) = &self.cdn
+            && let Ok(mut c) = s.cut_after.lock()
+        {
+            *c = Some(bytes);
+        }
+    }
+
+    /// Makes the CDN answer every GET with the whole file, ignoring `Range`.
+    pub fn ignore_range(&self, ignore: bool) {
+        if let Some((_, s)) = &self.cdn {
+            s.ignore_range.store(ignore, Ordering::SeqCst);
+        }
+    }
+
+    /// Blob body bytes the CDN has sent so far.
+    pub fn cdn_bytes_sent(&self) -> u64 {
+        self.cdn
+            .as_ref()
+            .map_or(0, |(_, s)| s.bytes_sent.load(Ordering::SeqCst))
+    }
+
     /// Every request to the CDN server, in order.
     pub fn cdn_requests(&self) -> Vec<CdnRequest> {
         self.cdn
@@ -824,12 +847,22 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
 struct CdnState {
     root: PathBuf,
     requests: Mutex<Vec<CdnRequest>>,
+    /// Faults a real server will not produce: the next GET of a body longer than this
+    /// is cut off (connection reset) after this many bytes, once.
+    cut_after: Mutex<Option<u64>>,
+    /// Answer every GET with the whole file, as if `Range` were unknown.
+    ignore_range: std::sync::atomic::AtomicBool,
+    /// Body bytes sent (GET), whole or cut.
+    bytes_sent: AtomicU64,
 }
 
 fn start_cdn(root: &Path) -> (HttpServer, Arc<CdnState>) {
     let state = Arc::new(CdnState {
         root: root.to_owned(),
         requests: Mutex::default(),
+        cut_after: Mutex::default(),
+        ignore_range: Default::default(),
+        bytes_sent: AtomicU64::new(0),
     });
     let s = state.clone();
     let server = HttpServer::start(
@@ -840,7 +873,7 @@ fn start_cdn(root: &Path) -> (HttpServer, Arc<CdnState>) {
 }
 
 /// Static files from the registry's storage root, by path; GET and HEAD, with `Range`.
-async fn cdn_handler(state: Arc<CdnState>, req: Request<Incoming>, _conn: Conn) -> Response<Body> {
+async fn cdn_handler(state: Arc<CdnState>, req: Request<Incoming>, conn: Conn) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let range = req
         .headers()
@@ -867,6 +900,7 @@ async fn cdn_handler(state: Arc<CdnState>, req: Request<Incoming>, _conn: Conn) 
         return text(StatusCode::NOT_FOUND, "not found");
     };
     let len = content.len() as u64;
+    let range = range.filter(|_| !state.ignore_range.load(Ordering::SeqCst));
     let (status, body, content_range) = match serve::range_answer(range.as_deref(), len) {
         RangeAnswer::Full => (StatusCode::OK, content, None),
         RangeAnswer::Partial(start, end) => (
@@ -890,10 +924,31 @@ async fn cdn_handler(state: Arc<CdnState>, req: Request<Incoming>, _conn: Conn) 
     if let Some(cr) = content_range {
         response = response.header("content-range", cr);
     }
-    let body = if head {
-        serve::empty()
-    } else {
-        serve::full(body)
+    if head {
+        return response.body(serve::empty()).expect("response");
+    }
+    let cut = state
+        .cut_after
+        .lock()
+        .ok()
+        .and_then(|mut c| c.take_if(|at| (*at as usize) < body.len()));
+    let Some(at) = cut else {
+        state
+            .bytes_sent
+            .fetch_add(body.len() as u64, Ordering::SeqCst);
+        return response.body(serve::full(body)).expect("response");
     };
-    response.body(body).expect("response")
+    // The promised length never arrives: the connection is reset mid-body.
+    state.bytes_sent.fetch_add(at, Ordering::SeqCst);
+    conn.reset_on_close();
+    let (tx, stream) = serve::channel_body();
+    tokio::spawn(async move {
+        let prefix = bytes::Bytes::copy_from_slice(&body[..at as usize]);
+        let _ = tx.send(Ok(hyper::body::Frame::data(prefix))).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = tx
+            .send(Err(std::io::Error::other("cut off by the test")))
+            .await;
+    });
+    response.body(stream).expect("response")
 }
