@@ -131,6 +131,10 @@ pub fn execute(
             output: crate::mirror::status(
                 &config.mirrors,
                 &store.mirror_runs()?,
+                std::fs::read_to_string(config.storage.path.join("instance.id"))
+                    .ok()
+                    .as_deref()
+                    .map(str::trim),
                 now_secs(),
                 *json,
             ),

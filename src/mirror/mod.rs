@@ -99,16 +99,34 @@ pub fn summary(reports: &[JobReport]) -> (String, bool) {
     (out, failed)
 }
 
+/// When job `job` runs next by its schedule (Unix seconds), at `now`, for the site whose
+/// instance id is `instance`; `None` without a schedule.
+fn next_scheduled(
+    job: &MirrorJob,
+    instance: &str,
+    run: Option<&MirrorRunRecord>,
+    now: u64,
+) -> Option<u64> {
+    let cron = job.schedule.as_ref()?;
+    let offset = schedule::jitter_offset(instance, &job.name, job.jitter).as_secs();
+    scheduler::next_run(cron, offset, run.and_then(|r| r.slot), now).map(|p| p.at)
+}
+
 /// What `outpost mirror status` prints for the configured `jobs` and their recorded
-/// runs: per job last start and end, result, bytes, tags changed, and lag (the age of
-/// the last successful run) at `now` (Unix seconds).
+/// runs: per job last start and end, result, bytes, tags changed, the next scheduled run
+/// (known once the daemon has given the site its `instance` id) and lag (the age of the
+/// last successful run) at `now` (Unix seconds).
 pub fn status(
     jobs: &[MirrorJob],
     runs: &[(String, MirrorRunRecord)],
+    instance: Option<&str>,
     now: u64,
     json: bool,
 ) -> String {
     let find = |name: &str| runs.iter().find(|(j, _)| j == name).map(|(_, r)| r);
+    let next =
+        |job: &MirrorJob| instance.and_then(|i| next_scheduled(job, i, find(&job.name), now));
+    let date = |at: u64| httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(at));
     if json {
         let list: Vec<serde_json::Value> = jobs
             .iter()
@@ -119,6 +137,7 @@ pub fn status(
                     "upstream": j.upstream,
                     "schedule": j.schedule.as_ref().map(ToString::to_string),
                     "last_run": run,
+                    "next_run": next(j),
                     "lag_seconds": run.and_then(|r| r.last_success).map(|s| now.saturating_sub(s)),
                 })
             })
@@ -127,13 +146,18 @@ pub fn status(
     }
     let mut out = String::new();
     for j in jobs {
+        let planned = match (&j.schedule, next(j)) {
+            (None, _) => "runs on demand only".to_owned(),
+            (Some(_), Some(at)) => format!("next run {}", date(at)),
+            (Some(_), None) => "next run known once the daemon has started".to_owned(),
+        };
         match find(&j.name) {
-            None => out.push_str(&format!("{}: never run\n", j.name)),
+            None => out.push_str(&format!("{}: never run; {planned}\n", j.name)),
             Some(r) => out.push_str(&format!(
                 "{}: last run {} ({}s ago, took {}s): {}; tags {} added, {} updated, {} \
-                 unchanged, {} failed; {} bytes fetched; lag {}\n",
+                 unchanged, {} failed; {} bytes fetched; lag {}; {planned}\n",
                 j.name,
-                httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(r.started)),
+                date(r.started),
                 now.saturating_sub(r.ended),
                 r.ended.saturating_sub(r.started),
                 if r.ok { "ok" } else { "FAILED" },
@@ -149,4 +173,41 @@ pub fn status(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// `mirror status` names the next scheduled run: the cron slot plus this site's
+    /// jitter offset (none here), and says so for a job that only runs on demand.
+    #[test]
+    fn status_names_the_next_scheduled_run() {
+        let c = Config::from_toml(
+            "[server]\nlisten=[\"127.0.0.1:0\"]\npublic_url=\"http://x\"\n\
+             [storage]\npath=\"x\"\n[[upstream]]\nname=\"central.corp\"\nurl=\"https://c\"\n\
+             [[mirror]]\nname=\"nightly\"\nupstream=\"central.corp\"\nrepositories=[\"a/b\"]\n\
+             tags=[\"*\"]\nschedule=\"0 2 * * *\"\njitter=\"0s\"\n\
+             [[mirror]]\nname=\"manual\"\nupstream=\"central.corp\"\nrepositories=[\"a/b\"]\n\
+             tags=[\"*\"]\n",
+        )
+        .expect("config");
+        let text = status(&c.mirrors, &[], Some("site"), 0, false);
+        assert!(
+            text.contains("nightly: never run; next run Thu, 01 Jan 1970 02:00:00 GMT"),
+            "{text}"
+        );
+        assert!(
+            text.contains("manual: never run; runs on demand only"),
+            "{text}"
+        );
+        let unknown = status(&c.mirrors, &[], None, 0, false);
+        assert!(
+            unknown.contains("known once the daemon has started"),
+            "{unknown}"
+        );
+        let json = status(&c.mirrors, &[], Some("site"), 0, true);
+        assert!(json.contains("\"next_run\":7200"), "{json}");
+    }
 }
