@@ -565,3 +565,49 @@ async fn anonymously_served_repositories_are_learned_and_work_offline() {
     let (status, _) = manifest(&server, None, "public/other", "v1").await;
     assert_eq!(status, 401, "a repository never seen is refused offline");
 }
+
+/// A mirror run teaches the central login service which mirrored repositories the
+/// central registry serves anonymously, even when Outpost mirrors with credentials of its
+/// own: after the run, with the central registry gone, anonymous pulls of the mirrored
+/// repository work, while a repository the run never saw is still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mirror_run_learns_which_mirrored_repositories_are_anonymous() {
+    let dir = tmp();
+    let mut central = UpstreamRegistry::start(
+        &dir.path().join("central"),
+        UpstreamOptions {
+            token_auth: true,
+            token_user: (ROBOT.0.to_owned(), ROBOT.1.to_owned()),
+            anonymous_pull: true,
+            ..UpstreamOptions::default()
+        },
+    );
+    seed(&central, dir.path(), "public/app", "v1", 7);
+    seed(&central, dir.path(), "public/other", "v1", 8);
+    let server = outpost(
+        dir.path(),
+        &central,
+        true,
+        "offline_grace = \"1h\"",
+        "[[access]]\nrepositories = [\"central.corp/public/**\"]\nanonymous = [\"pull\"]\n\
+         [[mirror]]\nname = \"public\"\nupstream = \"central.corp\"\n\
+         repositories = [\"public/app\"]\ntags = [\"v1\"]\n",
+    );
+    let out = common::outpost(&[
+        "mirror",
+        "run",
+        "--config",
+        server.config.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    central.stop();
+    let (status, _) = manifest(&server, None, "public/app", "v1").await;
+    assert_eq!(status, 200, "learned at mirror time\n{}", server.logs());
+    let (status, _) = manifest(&server, None, "public/other", "v1").await;
+    assert_eq!(status, 401, "a repository never seen is refused offline");
+}
