@@ -702,3 +702,97 @@ async fn a_daemon_killed_mid_run_leaves_a_clean_store_and_the_rerun_resumes() {
     assert!(String::from_utf8_lossy(&fsck.stdout).contains("0 problem(s)"));
     server.stop();
 }
+
+/// Eviction pressure from pull-through never takes mirrored content: under a budget far
+/// below what is stored, pulled-through layers are evicted while every blob of the
+/// mirrored tag stays, and it pulls byte-identical with the central registry gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn eviction_pressure_from_pull_through_never_removes_mirrored_content() {
+    let dir = tmp();
+    let mut up = UpstreamRegistry::start(&dir.path().join("central"), UpstreamOptions::default());
+    let mut app = Layout::new(&dir.path().join("app"));
+    let (mirrored, size, body) = app.image(51, &[300_000, 200_000], "amd64");
+    app.tag(OCI_MANIFEST, &mirrored, size, "v1");
+    up.push_layout(&app.dir, "team/app:v1");
+    let mut cached = Layout::new(&dir.path().join("cached"));
+    let (other, other_size, other_body) = cached.image(52, &[300_000, 300_000, 300_000], "amd64");
+    cached.tag(OCI_MANIFEST, &other, other_size, "v1");
+    up.push_layout(&cached.dir, "team/cache:v1");
+
+    let issuer = Issuer::new(&dir.path().join("keys"));
+    let server = Server::start(
+        dir.path(),
+        &issuer,
+        &format!(
+            "[[upstream]]\nname = \"central.corp\"\nurl = \"{}\"\n\
+             [[access]]\nrepositories = [\"central.corp/**\"]\nanonymous = [\"pull\"]\n\
+             [[mirror]]\nname = \"apps\"\nupstream = \"central.corp\"\n\
+             repositories = [\"team/app\"]\ntags = [\"v1\"]\n",
+            up.url()
+        ),
+    );
+    // The budget goes into [storage]: restart on the rewritten file.
+    let mut server = server;
+    server.stop();
+    let text = std::fs::read_to_string(&server.config).expect("config");
+    let text = text.replace(
+        "gc_grace = \"0s\"",
+        "gc_grace = \"0s\"\nmax_size = \"256KiB\"",
+    );
+    std::fs::write(&server.config, text).expect("write config");
+    let mut server = Server::start_with_config(&server.config);
+    let (ok, out) = mirror_run(&server);
+    assert!(ok, "{out}");
+
+    // Pull-through of another repository, well over the budget.
+    let manifest: serde_json::Value = serde_json::from_slice(&other_body).expect("json");
+    for layer in manifest["layers"].as_array().expect("layers") {
+        let d = layer["digest"].as_str().expect("digest");
+        let r = get(
+            &server,
+            &format!("/v2/central.corp/team/cache/blobs/{d}"),
+            "*/*",
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.expect("body");
+    }
+    let mut evicted = 0.0;
+    for _ in 0..100 {
+        evicted = metric(&server, "outpost_evicted_blobs_total", &[]).await;
+        if evicted >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        evicted >= 3.0,
+        "the pulled-through layers were evicted: {evicted}"
+    );
+
+    up.stop();
+    let m: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let mut blobs = vec![m["config"]["digest"].as_str().expect("config").to_owned()];
+    for l in m["layers"].as_array().expect("layers") {
+        blobs.push(l["digest"].as_str().expect("layer").to_owned());
+    }
+    let r = get(
+        &server,
+        "/v2/central.corp/team/app/manifests/v1",
+        OCI_MANIFEST,
+    )
+    .await;
+    assert_eq!(r.bytes().await.expect("body").as_ref(), body.as_slice());
+    for d in blobs {
+        let r = get(
+            &server,
+            &format!("/v2/central.corp/team/app/blobs/{d}"),
+            "*/*",
+        )
+        .await;
+        assert_eq!(r.status(), 200, "{d} survived eviction");
+        let bytes = r.bytes().await.expect("body");
+        assert_eq!(format!("sha256:{}", hex_sha256(&bytes)), d);
+    }
+    server.stop();
+}
