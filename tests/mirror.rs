@@ -10,6 +10,7 @@ mod common;
 
 use common::upstream::{UpstreamOptions, UpstreamRegistry};
 use common::*;
+use outpost::oci::Digest;
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
@@ -222,6 +223,27 @@ async fn a_mirror_run_fetches_the_selection_once_and_serves_it_offline() {
     );
     let copied = std::fs::read(dest.join("manifest.json")).expect("manifest");
     assert_eq!(copied, images[1].2);
+    // And containerd, offline, through the hosts.toml Outpost writes (the `?ns=` form).
+    let ctrd = common::containerd::Containerd::start(&dir.path().join("containerd"));
+    let hosts = dir.path().join("hosts");
+    common::containerd::generate_hosts_toml(&server.config, &hosts, &[]);
+    let out = ctrd.pull(&hosts, "central.corp/team/app:v1.0.0");
+    assert!(
+        out.status.success(),
+        "ctr pull: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&images[0].2).expect("json");
+    let layer: Digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .and_then(|d| d.parse().ok())
+        .expect("layer");
+    let expected = std::fs::read(app.dir.join("blobs/sha256").join(layer.hex())).expect("layer");
+    assert_eq!(
+        ctrd.content(&images[0].1).as_deref(),
+        Some(images[0].2.as_slice())
+    );
+    assert_eq!(ctrd.content(&layer).as_deref(), Some(expected.as_slice()));
 }
 
 /// Uploads `content` to `repo` of the registry at `base` (POST, then one PUT).
@@ -276,7 +298,7 @@ async fn push_manifest(
 }
 
 fn hex_sha256(content: &[u8]) -> String {
-    outpost::oci::Digest::sha256_of(content).hex().to_owned()
+    Digest::sha256_of(content).hex().to_owned()
 }
 
 /// An OCI artifact manifest (empty config, one layer of `payload`), optionally with a
