@@ -236,12 +236,47 @@ impl Mirror {
                 })
                 .collect::<Result<_, _>>()?
         };
+        self.release_removed_jobs().await;
         let state = RunState::default();
         let mut reports = Vec::new();
         for job in jobs {
             reports.push(self.run_job(job, &state, None, progress).await);
         }
         Ok(reports)
+    }
+
+    /// Releases what jobs that are no longer configured had mirrored: their tags stay
+    /// served, their content is unpinned (their `prune` setting left with them).
+    pub(crate) async fn release_removed_jobs(&self) {
+        let held = match self.inner.store.mirror_holders().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading mirrored tags failed");
+                return;
+            }
+        };
+        for (job, repo) in held {
+            if self.inner.jobs.iter().any(|j| j.name == job) {
+                continue;
+            }
+            let Ok(name) = repo.parse::<RepoName>() else {
+                continue;
+            };
+            match self
+                .inner
+                .store
+                .release_mirrored_tags(&job, &name, Vec::new(), false)
+                .await
+            {
+                Ok(r) => tracing::info!(
+                    job = %job, repo = %name, released = r.tags.len(), unpinned_blobs = r.unpinned,
+                    "a mirror job left the configuration: its tags stay served, unpinned"
+                ),
+                Err(e) => {
+                    tracing::warn!(job = %job, repo = %name, error = %e, "releasing mirrored tags failed")
+                }
+            }
+        }
     }
 
     /// Runs job `name` for schedule slot `slot` (recorded, whether the run succeeds or
@@ -1126,6 +1161,81 @@ fn percent_decode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression guard: a job removed from the configuration kept its pins forever.
+    /// The next run (or daemon start) releases them: the tag stays, its blob is evictable.
+    #[tokio::test]
+    async fn a_job_removed_from_the_configuration_releases_its_pins() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path(), 1 << 20).expect("store");
+        let repo: RepoName = "central.corp/team/app".parse().expect("repo");
+        let config = Bytes::from_static(b"{\"architecture\":\"amd64\"}");
+        let digest = Digest::sha256_of(&config);
+        let mut writer = store.blob_writer(digest.algorithm()).await.expect("writer");
+        writer.write(vec![config.clone()]).await.expect("write");
+        let verified = writer.verify(&digest).await.expect("verify");
+        verified
+            .commit(&repo, LinkOrigin::Mirror)
+            .await
+            .expect("commit");
+        let body = format!(
+            "{{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\
+             \"config\":{{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\
+             \"digest\":\"{digest}\",\"size\":{}}},\"layers\":[]}}",
+            config.len()
+        );
+        let manifest = Manifest::parse(body.as_bytes(), None).expect("manifest");
+        let top = Digest::sha256_of(body.as_bytes());
+        store
+            .flip_mirrored_tag(
+                "gone",
+                FetchedManifest {
+                    repo: repo.clone(),
+                    digest: top.clone(),
+                    body: Bytes::from(body),
+                    manifest,
+                    tag: Some(("v1".parse().expect("tag"), AcceptClass::Any)),
+                },
+                Vec::new(),
+                MirroredTag {
+                    digest: top.to_string(),
+                    manifests: vec![top.to_string()],
+                    tags: Vec::new(),
+                },
+            )
+            .await
+            .expect("flip");
+        assert_eq!(store.evict(0).await.expect("evict").evicted_blobs, 0);
+
+        let config = crate::config::Config::from_toml(
+            "[server]\nlisten=[\"127.0.0.1:0\"]\npublic_url=\"http://x\"\n[storage]\npath=\"x\"\n",
+        )
+        .expect("config");
+        let upstreams = Upstreams::new(&config).expect("upstreams");
+        let mirror = Mirror::new(
+            store.clone(),
+            upstreams,
+            Vec::new(),
+            Arc::new(Metrics::new()),
+            None,
+        );
+        mirror.release_removed_jobs().await;
+        assert!(store.mirror_holders().await.expect("holders").is_empty());
+        let tag = Reference::Tag("v1".parse().expect("tag"));
+        assert!(
+            store
+                .get_manifest(&repo, &tag)
+                .await
+                .expect("get")
+                .is_some(),
+            "still served"
+        );
+        assert_eq!(
+            store.evict(0).await.expect("evict").evicted_blobs,
+            1,
+            "no longer pinned"
+        );
+    }
 
     #[test]
     fn next_pages_come_from_the_link_header() {

@@ -78,6 +78,7 @@ pub(crate) async fn start(
     shutdown: &CancellationToken,
 ) {
     let clock = Clock::new();
+    mirror.release_removed_jobs().await;
     for job in mirror.jobs() {
         let Some(cron) = job.schedule.clone() else {
             continue;

@@ -175,6 +175,21 @@ impl Store {
         .await
     }
 
+    /// Every job that holds mirrored tags, with the repositories it holds them in.
+    pub async fn mirror_holders(&self) -> Result<Vec<(String, String)>, StorageError> {
+        self.blocking(|i| {
+            let txn = i.db.begin_read()?;
+            let mut out = BTreeSet::new();
+            for row in txn.open_table(MIRROR_TAGS)?.iter()? {
+                let (k, _) = row?;
+                let (j, r, _) = k.value();
+                out.insert((j.to_owned(), r.to_owned()));
+            }
+            Ok(out.into_iter().collect())
+        })
+        .await
+    }
+
     /// The repositories job `job` holds mirrored tags in.
     pub async fn mirrored_repos(&self, job: &str) -> Result<BTreeSet<String>, StorageError> {
         let job = job.to_owned();
