@@ -339,6 +339,29 @@ pub async fn run_mirror(
     }
 }
 
+/// How long a CLI command waits for a daemon that holds the store but has not opened
+/// its admin socket yet (it is starting; or the socket is a dead daemon's, not replaced).
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// Connects to the admin socket at `path`, waiting up to [`CONNECT_WAIT`] while it is
+/// missing or refuses (a daemon starting up). Other errors (permissions) fail at once.
+fn connect(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let deadline = std::time::Instant::now() + CONNECT_WAIT;
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Sends `request` to the daemon listening on `path` and waits for its reply.
 pub fn request(path: &Path, request: &AdminRequest) -> anyhow::Result<AdminReply> {
     request_with_progress(path, request, |_| {})
@@ -352,7 +375,7 @@ pub fn request_with_progress(
     mut progress: impl FnMut(&Event),
 ) -> anyhow::Result<AdminReply> {
     use std::io::{BufRead, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+    let mut stream = connect(path).map_err(|e| {
         anyhow::anyhow!(
             "the store is in use by a running daemon, and its admin socket {} cannot be \
              reached ({e}); run this as the daemon's user",
