@@ -122,6 +122,10 @@ async fn a_mirror_run_fetches_the_selection_once_and_serves_it_offline() {
         out.contains("0 added, 0 updated, 3 unchanged, 0 failed"),
         "{out}"
     );
+    assert!(
+        out.contains("blobs: 0 fetched (0 bytes), 7 already stored"),
+        "{out}"
+    );
     assert_eq!(up.requests("GET", "/blobs/sha256:"), 7, "{out}");
     assert_eq!(up.requests("GET", "/manifests/"), manifest_gets);
     assert_eq!(up.requests("HEAD", "/manifests/") - heads, 3);

@@ -79,7 +79,7 @@ pub fn summary(reports: &[JobReport]) -> (String, bool) {
     for r in reports {
         out.push_str(&format!(
             "{}: {} — tags: {} added, {} updated, {} unchanged, {} failed; blobs: {} fetched \
-             ({} bytes), {} already stored; {:.1}s\n",
+             ({} bytes), {} already stored ({} bytes skipped); {:.1}s\n",
             r.job,
             if r.ok() { "ok" } else { "FAILED" },
             r.tags_added,
@@ -89,6 +89,7 @@ pub fn summary(reports: &[JobReport]) -> (String, bool) {
             r.blobs_fetched,
             r.bytes_fetched,
             r.blobs_present,
+            r.bytes_present,
             r.duration.as_secs_f64()
         ));
         for (what, why) in &r.failed {

@@ -85,6 +85,8 @@ pub struct JobReport {
     pub failed: Vec<(String, String)>,
     pub blobs_fetched: u64,
     pub blobs_present: u64,
+    /// Bytes of the blobs that were already stored (not fetched).
+    pub bytes_present: u64,
     pub bytes_fetched: u64,
     pub duration: Duration,
 }
@@ -150,6 +152,7 @@ impl RunState {
 struct Fetched {
     blobs: u64,
     present: u64,
+    present_bytes: u64,
     bytes: u64,
 }
 
@@ -511,6 +514,7 @@ impl Mirror {
                     };
                     report.blobs_fetched += fetched.blobs;
                     report.blobs_present += fetched.present;
+                    report.bytes_present += fetched.present_bytes;
                     report.bytes_fetched += fetched.bytes;
                     progress::send(ctx.progress, || Event::Tag {
                         job: job.name.clone(),
@@ -807,11 +811,15 @@ impl Mirror {
                             job: repo.ctx.job.name.clone(),
                         });
                     }
-                    None => fetched.present += 1,
+                    None => {
+                        fetched.present += 1;
+                        fetched.present_bytes += blob.size;
+                    }
                 }
                 *done = true;
             } else {
                 fetched.present += 1;
+                fetched.present_bytes += blob.size;
             }
             drop(done);
             if !store.pin_blob(repo.canonical, &blob.digest).await? {
