@@ -172,10 +172,8 @@ impl Daemon {
     pub async fn start_with(config: Config, listeners: Listeners) -> anyhow::Result<Daemon> {
         let unbuilt = config.unbuilt();
         if !unbuilt.is_empty() {
-            anyhow::bail!(
-                "refusing settings that would do nothing:\n{}",
-                unbuilt.join("\n")
-            );
+            return Err(anyhow::Error::new(crate::config::ConfigErrors(unbuilt))
+                .context("refusing settings that would do nothing"));
         }
         let config = Arc::new(config);
         let root = config.storage.path.clone();

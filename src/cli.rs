@@ -30,7 +30,14 @@ use crate::upstream::Upstreams;
 #[command(
     name = "outpost",
     version,
-    about = "A pull-through caching edge mirror for container images"
+    about = "A pull-through caching edge mirror for container images",
+    after_help = "Examples:\n  outpost serve --config /etc/outpost/outpost.toml\n  \
+                  outpost config check --config /etc/outpost/outpost.toml\n  \
+                  outpost mirror run --config /etc/outpost/outpost.toml\n\n\
+                  Exit status: 0 success; 1 the command ran and found problems (fsck, \
+                  a mirrored tag that failed); 2 usage error (command line); 3 invalid or \
+                  refused configuration; 4 the command could not run (no store, I/O, \
+                  the daemon failed)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -41,16 +48,22 @@ pub struct Cli {
 pub enum Command {
     /// Run the registry.
     ///
-    /// Example: outpost serve --config /etc/outpost/outpost.toml
     /// Without --config, serves the embedded default (see `outpost config default`).
+    ///
+    /// Example: outpost serve --config /etc/outpost/outpost.toml
     Serve {
+        /// Configuration file [default: the embedded default configuration].
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
     /// Check or print configuration.
+    ///
+    /// Example: outpost config check --config /etc/outpost/outpost.toml
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Issuer key pairs and signed API keys.
+    ///
+    /// Example: outpost key issue --signing-key issuer.key --subject ci --repo 'team/**'
     #[command(subcommand)]
     Key(KeyCommand),
     /// Remove blobs, manifests and uploads nothing references.
@@ -59,13 +72,18 @@ pub enum Command {
     ///
     /// Example: outpost gc --config /etc/outpost/outpost.toml
     Gc {
+        /// Outpost's configuration file (the store it names must exist).
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Write client configuration that points nodes at this Outpost.
+    ///
+    /// Example: outpost client-config containerd --config /etc/outpost/outpost.toml
     #[command(subcommand)]
     ClientConfig(ClientConfigCommand),
     /// Mirror chosen repositories of an upstream into the store (the `[[mirror]]` jobs).
+    ///
+    /// Example: outpost mirror run --config /etc/outpost/outpost.toml
     #[command(subcommand)]
     Mirror(MirrorCommand),
     /// Verify every blob's digest and every reference; exits 1 on any problem.
@@ -74,6 +92,7 @@ pub enum Command {
     ///
     /// Example: outpost fsck --config /etc/outpost/outpost.toml --repair
     Fsck {
+        /// Outpost's configuration file (the store it names must exist).
         #[arg(long, short)]
         config: PathBuf,
         /// Remove records of missing or corrupt blobs.
@@ -88,6 +107,7 @@ pub enum ConfigCommand {
     ///
     /// Example: outpost config check --config /etc/outpost/outpost.toml
     Check {
+        /// Configuration file to check [default: the embedded default configuration].
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -106,15 +126,18 @@ pub enum MirrorCommand {
     ///
     /// Example: outpost mirror run --config /etc/outpost/outpost.toml apps
     Run {
+        /// Outpost's configuration file (the store it names must exist).
         #[arg(long, short)]
         config: PathBuf,
         /// Jobs to run (by name); all when none is given.
         jobs: Vec<String>,
     },
-    /// Show each job's last run: start, end, result, tags changed, bytes, lag.
+    /// Show each job's last run (start, end, result, tags changed, bytes), its next
+    /// scheduled run and its lag.
     ///
     /// Example: outpost mirror status --config /etc/outpost/outpost.toml --json
     Status {
+        /// Outpost's configuration file (the store it names must exist).
         #[arg(long, short)]
         config: PathBuf,
         /// Print JSON instead of lines.
@@ -129,6 +152,8 @@ pub enum KeyCommand {
     ///
     /// Example: outpost key generate --out-dir /etc/outpost
     Generate {
+        /// Directory to write issuer.key and issuer.pub into (created if missing; existing
+        /// files are never overwritten).
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -140,25 +165,32 @@ pub enum KeyCommand {
     ///
     /// Example: outpost key issue --signing-key issuer.key --subject ci --repo 'team/**' --actions pull,push --expires 90d
     Issue {
+        /// The issuer's private key (issuer.key from `outpost key generate`).
         #[arg(long)]
         signing_key: PathBuf,
         /// Record the key in the key list of this configuration's store.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Who or what the key is for (a name shown in logs and `key list`).
         #[arg(long)]
         subject: String,
         /// Repository glob the key may act on (repeatable).
         #[arg(long = "repo", required = true)]
         repos: Vec<String>,
+        /// Comma-separated actions the key allows: pull, push, delete.
         #[arg(long, default_value = "pull")]
         actions: String,
+        /// Lifetime of the key (`90d`, `12h`, `1y`).
         #[arg(long, default_value = "90d")]
         expires: String,
     },
     /// Show a key's claims (not verified).
     ///
     /// Example: outpost key inspect opk1.eyJ2Ijo...
-    Inspect { key: String },
+    Inspect {
+        /// The API key (`opk1.…`).
+        key: String,
+    },
     /// Revoke a key by id or by the key itself, durably and at once.
     ///
     /// Works with the daemon running (through its admin socket) or stopped. Ids listed in
@@ -167,8 +199,10 @@ pub enum KeyCommand {
     ///
     /// Example: outpost key revoke --config /etc/outpost/outpost.toml 3f2a...
     Revoke {
+        /// Outpost's configuration file (the store it names must exist).
         #[arg(long, short)]
         config: PathBuf,
+        /// The key's id (from `key list` or `key inspect`), or the key itself.
         key_or_id: String,
     },
     /// List the known keys: id, subject, repositories, actions, expiry, last use and
@@ -180,6 +214,7 @@ pub enum KeyCommand {
     ///
     /// Example: outpost key list --config /etc/outpost/outpost.toml --json
     List {
+        /// Outpost's configuration file (the store it names must exist).
         #[arg(long, short)]
         config: PathBuf,
         /// One JSON object, `{"keys": [...], "warnings": [...]}`, instead of the table.
@@ -265,6 +300,44 @@ pub enum ClientConfigCommand {
     },
 }
 
+/// A value on the command line that cannot be used (a bad `--expires`, an unknown
+/// action): exit status 2, like a usage error clap reports.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// An error as the CLI prints it: each cause after the one before, except a cause whose
+/// text is already there (many errors embed their source's message), so nothing reads
+/// twice.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// The exit status for an error a command returned: 2 for usage, 3 for a configuration
+/// that is invalid or refused, 4 for everything else (the command could not run: a store
+/// that does not exist, I/O, a daemon that failed). 0 and 1 (ran, found problems) come
+/// from [`Outcome`].
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<UsageError>().is_some() {
+        2
+    } else if e.downcast_ref::<crate::config::ConfigErrors>().is_some() {
+        3
+    } else {
+        4
+    }
+}
+
 /// What a command produced: text for stdout, warnings for stderr, and whether it found
 /// problems (exit 1).
 pub struct Outcome {
@@ -283,12 +356,24 @@ impl Outcome {
     }
 }
 
+/// Loads the configuration file (the embedded default without one). An invalid file is
+/// a [`ConfigErrors`](crate::config::ConfigErrors) error, every problem named.
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     Ok(match path {
-        Some(p) => Config::load(p).map_err(|e| anyhow::anyhow!("{}:\n{e}", p.display()))?,
+        Some(p) => Config::load(p)
+            .map_err(|e| anyhow::Error::new(e).context(format!("{}", p.display())))?,
         None => Config::embedded_default()
-            .map_err(|e| anyhow::anyhow!("embedded default config:\n{e}"))?,
+            .map_err(|e| anyhow::Error::new(e).context("embedded default config"))?,
     })
+}
+
+/// Refuses a configuration whose settings would do nothing (a feature not built yet).
+fn refuse_unbuilt(config: &Config, what: &str) -> anyhow::Result<()> {
+    let unbuilt = config.unbuilt();
+    if unbuilt.is_empty() {
+        return Ok(());
+    }
+    Err(anyhow::Error::new(crate::config::ConfigErrors(unbuilt)).context(what.to_owned()))
 }
 
 /// Runs mirror jobs: in this process when no daemon holds the store, else through the
@@ -297,13 +382,7 @@ fn mirror_run(config: &Config, jobs: Vec<String>) -> anyhow::Result<Outcome> {
     if config.mirrors.is_empty() {
         bail!("the configuration has no [[mirror]] jobs");
     }
-    let unbuilt = config.unbuilt();
-    if !unbuilt.is_empty() {
-        bail!(
-            "refusing settings that would do nothing:\n{}",
-            unbuilt.join("\n")
-        );
-    }
+    refuse_unbuilt(config, "refusing settings that would do nothing")?;
     let mut display = progress::Display::new();
     let reply = match Store::open(&config.storage.path, config.storage.db_cache) {
         Ok(store) => {
@@ -413,16 +492,14 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Config(ConfigCommand::Default) => Ok(Outcome::ok(DEFAULT_TOML.to_owned())),
         Command::Config(ConfigCommand::Check { config }) => {
             let c = load_config(config.as_deref())?;
-            let unbuilt = c.unbuilt();
-            if !unbuilt.is_empty() {
-                bail!(
-                    "the configuration is valid, but uses settings that would do nothing:\n{}",
-                    unbuilt.join("\n")
-                );
-            }
+            refuse_unbuilt(
+                &c,
+                "the configuration is valid, but uses settings that would do nothing",
+            )?;
             for p in &c.auth.issuer_keys {
-                crate::auth::load_verifying_key(p)
-                    .with_context(|| format!("issuer key {}", p.display()))?;
+                crate::auth::load_verifying_key(p).map_err(|e| {
+                    crate::config::ConfigErrors(vec![format!("issuer key {}: {e:#}", p.display())])
+                })?;
             }
             Ok(Outcome::ok(format!(
                 "configuration is valid: {} upstream(s), {} access rule(s), {} mirror job(s)\n",
@@ -448,9 +525,11 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
             actions,
             expires,
         }) => {
+            let actions =
+                Actions::parse_list(&actions).map_err(|e| UsageError(format!("--actions: {e}")))?;
+            let ttl =
+                parse_duration(&expires).map_err(|e| UsageError(format!("--expires: {e}")))?;
             let signing = load_signing_key(&signing_key)?;
-            let actions = Actions::parse_list(&actions)?;
-            let ttl = parse_duration(&expires).map_err(|e| anyhow::anyhow!(e))?;
             let (key, claims) = issue_key(
                 &signing,
                 &KeyRequest {
@@ -545,7 +624,10 @@ fn client_config(command: ClientConfigCommand) -> anyhow::Result<Outcome> {
             let mut warnings = String::new();
             let mirror = mirror_url(server.as_deref(), &config, &mut warnings)?;
             let key = match &key_file {
-                Some(path) => Some(read_key_file(path, &mut warnings)?),
+                Some(path) => Some(
+                    read_key_file(path, &mut warnings)
+                        .map_err(|e| UsageError(format!("--key-file: {e:#}")))?,
+                ),
                 None => None,
             };
             let header = match (&key, stdout) {
@@ -663,7 +745,11 @@ fn mirror_url(
     config: &Config,
     warnings: &mut String,
 ) -> anyhow::Result<MirrorUrl> {
-    let mirror = MirrorUrl::parse(server.unwrap_or(&config.server.public_url))?;
+    let mirror = match server {
+        Some(url) => MirrorUrl::parse(url).map_err(|e| UsageError(format!("--server: {e:#}")))?,
+        None => MirrorUrl::parse(&config.server.public_url)
+            .map_err(|e| crate::config::ConfigErrors(vec![format!("server.public_url: {e:#}")]))?,
+    };
     if server.is_none() && mirror.is_loopback() {
         warnings.push_str(&format!(
             "outpost: warning: server.public_url {mirror} names this machine only; give \

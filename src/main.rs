@@ -43,8 +43,8 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("outpost: {e:#}");
-            ExitCode::from(2)
+            eprintln!("outpost: {}", cli::error_text(&e));
+            ExitCode::from(cli::exit_status(&e))
         }
     }
 }
