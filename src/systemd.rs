@@ -294,9 +294,14 @@ pub enum LogSink {
 /// Installs the process-wide tracing subscriber, filtered by `OUTPOST_LOG` (default
 /// `info`). When systemd connected stderr to the journal (`JOURNAL_STREAM` names stderr's
 /// device and inode), records go to journald with their fields as journal fields;
-/// otherwise, or if journald cannot be reached, readable lines go to stderr.
+/// otherwise, or if journald cannot be reached, lines go to stderr: readable text, or
+/// one JSON object per line with `OUTPOST_LOG_FORMAT=json` (for log shippers).
 pub fn init_logging() -> LogSink {
     let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let format = std::env::var("OUTPOST_LOG_FORMAT").unwrap_or_default();
+    let json = format.eq_ignore_ascii_case("json");
+    let bad_format =
+        (!json && !format.is_empty() && !format.eq_ignore_ascii_case("text")).then_some(format);
     let mut journal_error = None;
     let journal = if systemd_journal_logger::connected_to_journal() {
         JournalLog::new().map_err(|e| journal_error = Some(e)).ok()
@@ -311,6 +316,19 @@ pub fn init_logging() -> LogSink {
             let _ = registry.with(JournalLayer::new(journal)).try_init();
             LogSink::Journal
         }
+        None if json => {
+            let _ = registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(true)
+                        .with_span_list(false)
+                        .with_writer(io::stderr),
+                )
+                .try_init();
+            LogSink::Stderr
+        }
         None => {
             let _ = registry
                 .with(
@@ -322,6 +340,9 @@ pub fn init_logging() -> LogSink {
             LogSink::Stderr
         }
     };
+    if let Some(other) = bad_format {
+        tracing::warn!(value = %other, "OUTPOST_LOG_FORMAT must be text or json; using text");
+    }
     if let Some(e) = journal_error {
         tracing::warn!(error = %e, "stderr is the journal but journald is unreachable; logging to stderr");
     }

@@ -120,3 +120,63 @@ fn exit_statuses_tell_usage_configuration_and_runtime_errors_apart() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("File exists").count(), 1, "{err}");
 }
+
+/// With `OUTPOST_LOG_FORMAT=json` every line the daemon writes to stderr is one JSON
+/// object with the level, the message and the event's fields (for log shippers).
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\npublic_url = \"http://x:5000\"\n\
+             [storage]\npath = {:?}\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("write");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["serve", "--config", config.to_str().expect("utf8")])
+        .env("OUTPOST_LOG_FORMAT", "json")
+        .env_remove("JOURNAL_STREAM")
+        .env("OUTPOST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let message = v["message"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(v["level"], "INFO", "{line}");
+        if message == "listening" {
+            assert!(
+                v["addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.0.0.1:")),
+                "{line}"
+            );
+            seen.push(message);
+            break;
+        }
+        seen.push(message);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("outpost starting"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("listening"),
+        "{seen:?}"
+    );
+}
