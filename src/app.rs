@@ -182,6 +182,7 @@ impl Daemon {
             .await
             .context("opening the store")?
             .with_context(|| format!("opening the store in {}", config.storage.path.display()))?;
+        store.set_reserve(config.storage.reserve);
         // The revocation file's ids are recorded in the store as they are loaded.
         let (revoked, revocation_stamp) = tokio::task::spawn_blocking({
             let (store, file) = (store.clone(), config.auth.revocation_file.clone());

@@ -25,6 +25,9 @@ pub use units::{parse_duration, parse_size};
 /// The embedded default configuration.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
 
+/// Default `storage.reserve`: room for many metadata commits, small beside any disk.
+const DEFAULT_RESERVE: u64 = 64 << 20;
+
 /// Every problem found in a configuration file.
 #[derive(Debug)]
 pub struct ConfigErrors(pub Vec<String>);
@@ -90,6 +93,8 @@ pub struct StorageConfig {
     pub upload_timeout: Duration,
     /// Page cache redb may use, in bytes.
     pub db_cache: usize,
+    /// Free space kept for metadata commits: new blob data is refused (507) below it.
+    pub reserve: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -381,6 +386,9 @@ impl Validator {
                 Duration::from_secs(24 * 3600),
             ),
             db_cache: usize::try_from(db_cache).unwrap_or(usize::MAX),
+            reserve: self
+                .size("storage.reserve", raw.reserve.as_deref())
+                .unwrap_or(DEFAULT_RESERVE),
         }
     }
 

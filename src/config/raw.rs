@@ -52,6 +52,7 @@ pub struct RawStorage {
     pub gc_grace: Option<String>,
     pub upload_timeout: Option<String>,
     pub db_cache: Option<String>,
+    pub reserve: Option<String>,
 }
 
 #[derive(Deserialize)]

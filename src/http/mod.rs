@@ -350,6 +350,10 @@ async fn dispatch(
     match route {
         Route::Base => ok_json("{}"),
         Route::Health => ok_json("{\"status\":\"ok\"}"),
+        Route::Ready if !state.store.writable() => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{\"status\":\"not ready\",\"reason\":\"storage is full or failing: writes cannot succeed\"}",
+        ),
         Route::Ready => ok_json("{\"status\":\"ready\"}"),
         Route::Metrics => metrics(state),
         Route::Token { scopes } => token(state, ctx, &scopes).await,
@@ -408,8 +412,12 @@ fn metrics(state: &State) -> Result<Response<Body>, ApiError> {
 }
 
 fn ok_json(body: &'static str) -> Result<Response<Body>, ApiError> {
+    json(StatusCode::OK, body)
+}
+
+fn json(status: StatusCode, body: &'static str) -> Result<Response<Body>, ApiError> {
     Response::builder()
-        .status(StatusCode::OK)
+        .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .header("Docker-Distribution-API-Version", "registry/2.0")
         .body(body::full(body))

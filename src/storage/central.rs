@@ -5,7 +5,7 @@
 //! Plain reads and writes; the rules about what a record is worth live in
 //! `auth::central::rules`, and the caching in front of these tables in `auth::central`.
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use super::schema::*;
 use super::{StorageError, Store};

@@ -5,7 +5,7 @@
 //! repository are not enough. Blob bytes themselves are written by the writer module.
 
 use bytes::Bytes;
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use super::schema::*;
 use super::upstream_tags::AcceptClass;

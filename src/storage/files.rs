@@ -72,6 +72,11 @@ impl BlobFiles {
         &self.uploads
     }
 
+    /// Bytes free for unprivileged writers on the blobs' filesystem.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        free_bytes(&self.blobs)
+    }
+
     /// Where a resumable download of `digest` keeps its bytes until verified.
     pub fn partial_path(&self, digest: &Digest) -> PathBuf {
         self.partial
@@ -182,4 +187,10 @@ pub fn random_id() -> String {
         buf = t.to_le_bytes();
     }
     hex::encode(buf)
+}
+
+/// Bytes free for unprivileged writers on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(path).map_err(io::Error::from)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use super::schema::*;
 use super::{StorageError, Store, now_secs};

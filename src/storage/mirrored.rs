@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::fetched::fetched_manifest_rows;

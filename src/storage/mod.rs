@@ -14,6 +14,7 @@
 //! `schema` (every table and value encoding), `keys` and `central` (auth records).
 
 mod central;
+mod db;
 mod eviction;
 mod fetched;
 mod files;
@@ -30,14 +31,16 @@ mod writer;
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use crate::oci::manifest::Manifest;
 use crate::oci::{Digest, Hasher, Reference, RepoName, Tag};
+use db::Db;
 use files::BlobFiles;
 use schema::*;
 
@@ -63,12 +66,28 @@ pub enum StorageError {
     Locked,
     #[error("storage task failed")]
     Task,
+    /// The metadata database is closed after an I/O failure and could not be opened
+    /// again yet (the disk still full, or a transaction of the old handle still open).
+    #[error("the metadata database is being reopened after an I/O failure")]
+    Reopening,
+    /// New blob data is refused: the filesystem has less free space than the reserve kept
+    /// for metadata commits.
+    #[error("only {free} bytes free, below the {reserve}-byte reserve kept for metadata")]
+    ReserveReached { free: u64, reserve: u64 },
 }
 
 impl StorageError {
-    /// Whether this failure is the disk being full (the client may retry later).
+    /// Whether this failure is the disk being full, or its aftermath (the client may
+    /// retry later, once space is freed).
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, StorageError::Io(e) if e.kind() == io::ErrorKind::StorageFull)
+        match self {
+            StorageError::Io(e) => e.kind() == io::ErrorKind::StorageFull,
+            StorageError::Db(redb::Error::Io(e)) => e.kind() == io::ErrorKind::StorageFull,
+            StorageError::Db(redb::Error::PreviousIo)
+            | StorageError::Reopening
+            | StorageError::ReserveReached { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -170,7 +189,7 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Database,
+    db: Db,
     files: BlobFiles,
     /// Running hash state of upload sessions, by id, with the offset it covers. Lost on
     /// restart, in which case the upload file is re-hashed when it completes.
@@ -182,6 +201,24 @@ struct Inner {
     commit_lock: RwLock<()>,
     /// Blob digests served since the last flush, with when (milliseconds).
     access: Mutex<HashMap<String, u64>>,
+    /// Free bytes kept for metadata commits (0: none).
+    reserve: AtomicU64,
+}
+
+impl Inner {
+    /// Refuses new blob data while less than `1/divisor` of the reserve is free: a new
+    /// blob needs the whole reserve free, one being written may eat into half of it.
+    fn check_reserve(&self, divisor: u64) -> Result<(), StorageError> {
+        let reserve = self.reserve.load(Ordering::Relaxed);
+        if reserve == 0 {
+            return Ok(());
+        }
+        let free = self.files.free_bytes()?;
+        if free < reserve / divisor {
+            return Err(StorageError::ReserveReached { free, reserve });
+        }
+        Ok(())
+    }
 }
 
 /// The manifest digest a stored tag record points to.
@@ -204,9 +241,7 @@ impl Store {
     pub fn open(root: &Path, db_cache: usize) -> Result<Store, StorageError> {
         std::fs::create_dir_all(root)?;
         let files = BlobFiles::open(root)?;
-        let db = Database::builder()
-            .set_cache_size(db_cache)
-            .create(root.join("outpost.redb"))?;
+        let db = Db::open(&root.join("outpost.redb"), db_cache)?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -249,8 +284,21 @@ impl Store {
                 busy: Arc::default(),
                 commit_lock: RwLock::new(()),
                 access: Mutex::default(),
+                reserve: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Keeps `bytes` free on the blobs' filesystem for metadata commits: new blob data
+    /// is refused below it (see [`StorageError::ReserveReached`]).
+    pub fn set_reserve(&self, bytes: u64) {
+        self.inner.reserve.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether writes can be expected to succeed: the metadata database works and the
+    /// free space is above the reserve. What `/readyz` reports.
+    pub fn writable(&self) -> bool {
+        self.inner.db.healthy() && self.inner.check_reserve(1).is_ok()
     }
 
     /// Runs blocking store work off the async executor.

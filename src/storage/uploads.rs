@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::Stream;
-use redb::ReadableDatabase;
 
 use super::files::random_id;
 use super::schema::{LinkOrigin, UPLOADS, UploadRecord};

@@ -5,8 +5,6 @@
 //! Owns the `upstream_tags` table. Must not decide when to revalidate (pull-through's
 //! policy); it only records and reports answers.
 
-use redb::ReadableDatabase;
-
 use super::schema::*;
 use super::{StorageError, Store, now_secs};
 use crate::oci::{Digest, RepoName, Tag};

@@ -224,6 +224,8 @@ impl BlobWriter {
         start: u64,
         hasher: HashState,
     ) -> Result<BlobWriter, StorageError> {
+        // New bytes need the reserve free; the check repeats as they are written.
+        inner.check_reserve(1)?;
         let (path, create) = (
             file.path.clone(),
             matches!(file.part, Part::Temp | Part::Partial),
@@ -244,8 +246,10 @@ impl BlobWriter {
         let (progress, written) = watch::channel(start);
         let (to_writer, writer_queue) = mpsc::channel::<Batch>(QUEUED_BATCHES);
         let (to_hasher, hasher_queue) = mpsc::channel::<Batch>(QUEUED_BATCHES);
-        let writer =
-            tokio::task::spawn_blocking(move || write_file(handle, writer_queue, start, progress));
+        let guard = Arc::clone(&inner);
+        let writer = tokio::task::spawn_blocking(move || {
+            write_file(handle, writer_queue, start, progress, &guard)
+        });
         let (saved, existing) = match hasher {
             HashState::Known(h) => (Some((*h).clone()), Ok(*h)),
             HashState::Rehash(algorithm) => (None, Err((file.path.clone(), algorithm, start))),
@@ -494,15 +498,21 @@ impl GrowingBlob {
     }
 }
 
-/// The writer thread: appends each batch, then publishes the new length.
+/// The writer thread: appends each batch, then publishes the new length. Stops with
+/// `StorageFull` once the free space falls to half the reserve, so that a blob being
+/// written never takes the room metadata commits need.
 fn write_file(
     mut file: std::fs::File,
     mut queue: mpsc::Receiver<Batch>,
     start: u64,
     progress: watch::Sender<u64>,
+    inner: &Inner,
 ) -> io::Result<u64> {
     let mut len = start;
     while let Some(batch) = queue.blocking_recv() {
+        if let Err(e) = inner.check_reserve(2) {
+            return Err(io::Error::new(io::ErrorKind::StorageFull, e.to_string()));
+        }
         for chunk in batch.iter() {
             file.write_all(chunk)?;
             len += chunk.len() as u64;
