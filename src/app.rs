@@ -16,7 +16,7 @@ use crate::auth::{
     Access, AccessSettings, AuthSettings, Authenticator, DEFAULT_CAPACITY, FailureThrottle,
     RevocationSet, load_verifying_key,
 };
-use crate::config::Config;
+use crate::config::{Config, ReloadPlan};
 use crate::http::{self, Listeners, TlsSettings};
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
@@ -43,6 +43,27 @@ pub struct Daemon {
     auth: Authenticator,
     store: Store,
     config: Arc<Config>,
+    /// The configuration last applied: the start-up one, then each accepted reload's.
+    applied: std::sync::Mutex<Arc<Config>>,
+}
+
+/// Loads and validates the configuration at `path` for a reload, with its issuer keys.
+/// Settings not built yet are refused, as at start-up.
+fn prepare_reload(path: &Path) -> anyhow::Result<(Config, Vec<ed25519_dalek::VerifyingKey>)> {
+    let config = Config::load(path)?;
+    let unbuilt = config.unbuilt();
+    if !unbuilt.is_empty() {
+        return Err(crate::config::ConfigErrors(unbuilt).into());
+    }
+    let issuers = config
+        .auth
+        .issuer_keys
+        .iter()
+        .map(|p| {
+            load_verifying_key(p).with_context(|| format!("loading issuer key {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((config, issuers))
 }
 
 /// Reads `N` random bytes kept as hex in `path`, creating them (mode 0600) on first
@@ -316,6 +337,7 @@ impl Daemon {
             tls,
             auth,
             store,
+            applied: std::sync::Mutex::new(config.clone()),
             config,
         })
     }
@@ -330,9 +352,17 @@ impl Daemon {
         &self.tls_addrs
     }
 
-    /// Re-reads what can change without a restart: TLS certificates and the revocation
-    /// file (which is also re-read on its own whenever it changes).
-    pub async fn reload(&self) {
+    /// Reloads (SIGHUP): the configuration file `source`, if the daemon was started from
+    /// one, then the TLS certificates and the revocation file (which is also re-read on
+    /// its own whenever it changes). A new configuration is validated whole first; an
+    /// invalid one is refused and logged, and the running one stays. Of a valid one,
+    /// issuer keys, `[[access]]` rules and `auth.token_ttl` apply at once (requests in
+    /// flight finish as they started); other changed settings are logged as waiting for
+    /// a restart.
+    pub async fn reload(&self, source: Option<&Path>) {
+        if let Some(path) = source {
+            self.reload_config(path).await;
+        }
         if let Some(tls) = &self.tls {
             match tls.reload() {
                 Ok(()) => tracing::info!("TLS certificates reloaded"),
@@ -357,6 +387,55 @@ impl Daemon {
         }
     }
 
+    /// Reads, validates and applies the configuration file at `path` (see [`Daemon::reload`]).
+    async fn reload_config(&self, path: &Path) {
+        let loaded = {
+            let path = path.to_owned();
+            tokio::task::spawn_blocking(move || prepare_reload(&path)).await
+        };
+        let (new, issuers) = match loaded {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(e)) => {
+                tracing::error!(
+                    config = %path.display(),
+                    error = %crate::cli::error_text(&e),
+                    "configuration reload refused; the running configuration stays"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed");
+                return;
+            }
+        };
+        let mut applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let plan = ReloadPlan::new(&applied, &new);
+        self.auth
+            .reload(issuers, new.policy.clone(), new.auth.token_ttl);
+        if !plan.restart.is_empty() {
+            tracing::warn!(
+                changed = ?plan.restart,
+                "configuration reload: these settings changed and take effect at the next restart"
+            );
+        }
+        tracing::info!(
+            config = %path.display(),
+            applied = ?plan.applied,
+            issuer_keys = new.auth.issuer_keys.len(),
+            "configuration reloaded"
+        );
+        // What waits for a restart keeps its running value: only what was applied moves.
+        let mut next = (**applied).clone();
+        next.auth.issuer_keys = new.auth.issuer_keys.clone();
+        next.auth.token_ttl = new.auth.token_ttl;
+        next.access = new.access.clone();
+        next.policy = new.policy.clone();
+        *applied = Arc::new(next);
+    }
+
     /// Stops accepting, drains connections (bounded by the grace period) and returns.
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -377,7 +456,7 @@ impl Daemon {
     /// Serves until SIGTERM or SIGINT; SIGHUP reloads. Tells systemd (when it started us
     /// with `Type=notify`) that we are ready, reloading and stopping, and pings its watchdog.
     #[cfg(unix)]
-    pub async fn run_until_signalled(self) -> anyhow::Result<()> {
+    pub async fn run_until_signalled(self, source: Option<&Path>) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         // Handlers first: after READY=1, `systemctl reload` may send SIGHUP at once, and
         // SIGHUP's default action would end the process.
@@ -395,8 +474,8 @@ impl Daemon {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
-                    notifier.reloading("reloading TLS certificates and revocation list");
-                    self.reload().await;
+                    notifier.reloading("reloading the configuration, TLS certificates and revocation list");
+                    self.reload(source).await;
                     notifier.ready(&serving);
                 }
             }

@@ -7,19 +7,19 @@ use clap::Parser;
 use outpost::app::Daemon;
 use outpost::cli::{self, Cli, Command};
 
-fn serve(config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let source = match &config {
+fn serve(path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let source = match &path {
         Some(path) => path.display().to_string(),
         None => "the embedded default (outpost config default prints it)".to_owned(),
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %source, "outpost starting");
-    let config = cli::load_config(config.as_deref())?;
+    let config = cli::load_config(path.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let daemon = Daemon::start(config).await?;
-        daemon.run_until_signalled().await
+        daemon.run_until_signalled(path.as_deref()).await
     })
 }
 

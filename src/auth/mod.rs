@@ -32,7 +32,7 @@ mod token;
 mod usage;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -238,28 +238,62 @@ pub struct Authenticator {
 }
 
 struct Inner {
-    keys: KeyVerifier,
+    /// What a reload replaces: the issuer keys, the policy and the token lifetime.
+    reloadable: RwLock<Arc<Reloadable>>,
     tokens: TokenSigner,
-    token_ttl: Duration,
-    policy: Policy,
     service: String,
     revocations: RevocationSet,
     usage: KeyUsage,
+}
+
+/// The settings a configuration reload swaps in one step, so a request sees either the
+/// old set or the new one, never a mix.
+struct Reloadable {
+    keys: KeyVerifier,
+    token_ttl: Duration,
+    policy: Policy,
 }
 
 impl Authenticator {
     pub fn new(settings: AuthSettings, revocations: RevocationSet) -> Authenticator {
         Authenticator {
             inner: Arc::new(Inner {
-                keys: KeyVerifier::new(settings.issuers),
+                reloadable: RwLock::new(Arc::new(Reloadable {
+                    keys: KeyVerifier::new(settings.issuers),
+                    token_ttl: settings.token_ttl,
+                    policy: settings.policy,
+                })),
                 tokens: TokenSigner::new(settings.token_secret),
-                token_ttl: settings.token_ttl,
-                policy: settings.policy,
                 service: settings.service,
                 revocations,
                 usage: KeyUsage::default(),
             }),
         }
+    }
+
+    /// Swaps in new issuer keys, policy and token lifetime (a configuration reload).
+    /// Keys already verified are verified again against the new issuers; tokens issued
+    /// before stay valid until they expire (they carry their own grants).
+    pub fn reload(&self, issuers: Vec<VerifyingKey>, policy: Policy, token_ttl: Duration) {
+        let next = Arc::new(Reloadable {
+            keys: KeyVerifier::new(issuers),
+            token_ttl,
+            policy,
+        });
+        *self
+            .inner
+            .reloadable
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+    }
+
+    /// The current reloadable settings.
+    fn current(&self) -> Arc<Reloadable> {
+        self.inner
+            .reloadable
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Identifies the caller from the `Authorization` header value, if any: `Bearer` with
@@ -313,7 +347,8 @@ impl Authenticator {
     /// What `principal` may do on `repo`. `push` and `delete` come only from an API key's
     /// own scope (or a token obtained with one), never from the policy.
     pub fn allowed(&self, principal: &Principal, repo: &RepoName) -> Actions {
-        let policy = &self.inner.policy;
+        let current = self.current();
+        let policy = &current.policy;
         // The policy refuses write grants when built; masking here keeps the invariant
         // local and obvious.
         let read_only = |a: Actions| a.intersect(Actions::PULL);
@@ -345,7 +380,7 @@ impl Authenticator {
         now: SystemTime,
     ) -> IssuedToken {
         let issued_at = keys::unix_seconds(now);
-        let ttl = self.inner.token_ttl.as_secs().max(1);
+        let ttl = self.current().token_ttl.as_secs().max(1);
         let mut expires_at = issued_at.saturating_add(ttl);
         match principal {
             Principal::Anonymous | Principal::Central(_) => {}
@@ -384,7 +419,7 @@ impl Authenticator {
 
     /// See [`Policy::immutable_rule`].
     pub fn immutable_rule(&self, repo: &RepoName, tag: &crate::oci::Tag) -> Option<String> {
-        self.inner.policy.immutable_rule(repo, tag)
+        self.current().policy.immutable_rule(repo, tag)
     }
 
     pub fn service(&self) -> &str {
@@ -401,11 +436,11 @@ impl Authenticator {
     }
 
     pub fn issuer_count(&self) -> usize {
-        self.inner.keys.issuer_count()
+        self.current().keys.issuer_count()
     }
 
     fn api_key(&self, key: &str, now: SystemTime) -> Result<Principal, AuthError> {
-        let claims = self.inner.keys.verify(key, now)?;
+        let claims = self.current().keys.verify(key, now)?;
         if self.inner.revocations.is_revoked(&claims.id) {
             return Err(AuthError::Revoked);
         }
@@ -458,7 +493,7 @@ impl Authenticator {
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authenticator")
-            .field("keys", &self.inner.keys)
+            .field("keys", &self.current().keys)
             .field("service", &self.inner.service)
             .field("revoked", &self.inner.revocations.len())
             .finish_non_exhaustive()

@@ -7,6 +7,7 @@
 //! once rather than one per run.
 
 mod raw;
+mod reload;
 mod units;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use crate::mirror::select::FilterSpec;
 use crate::mirror::{MirrorJob, RepoSelector, TagFilter, valid_job_name};
 use crate::oci::RepoName;
 
+pub use reload::ReloadPlan;
 pub use units::{parse_duration, parse_size};
 
 /// The embedded default configuration.

@@ -222,6 +222,36 @@ impl Server {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// SIGHUP to the child process ([`Server::start_process`]): reload.
+    pub fn hup(&self) {
+        match &self.runner {
+            Runner::Process(c) => {
+                let status = Command::new("kill")
+                    .args(["-HUP", &c.id().to_string()])
+                    .status()
+                    .expect("kill -HUP");
+                assert!(status.success(), "kill -HUP failed");
+            }
+            _ => panic!("SIGHUP needs a child process: use start_process"),
+        }
+    }
+
+    /// Waits (bounded) until the log holds `needle` `count` times or more.
+    pub fn wait_for_log(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if logs.matches(needle).count() >= count {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} x{count} never logged:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no chance to clean up, like a power cut for the process. Only a child
     /// process can be killed so ([`Server::start_process`]).
     pub fn kill9(&mut self) {
