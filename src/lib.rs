@@ -46,6 +46,8 @@ pub mod cli;
 pub(crate) mod clientconfig;
 pub(crate) mod clock;
 pub mod config;
+#[cfg(any(fuzzing, test))]
+pub mod fuzzing;
 pub(crate) mod hosted;
 pub(crate) mod http;
 pub(crate) mod metrics;

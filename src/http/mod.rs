@@ -39,6 +39,8 @@ use crate::upstream::{Namespace, NamespaceError, UpstreamHandle};
 pub use body::Body;
 use body::FileSender;
 use error::ApiError;
+#[cfg(any(fuzzing, test))]
+pub(crate) use registry::parse_range;
 use route::Route;
 pub use server::{Listeners, serve};
 pub use tls::TlsSettings;
