@@ -47,6 +47,26 @@ pub struct Daemon {
     applied: std::sync::Mutex<Arc<Config>>,
 }
 
+/// Removes upload sessions idle for longer than `timeout`, every half of it (between 1 s
+/// and 5 minutes), until `shutdown`: abandoned sessions do not wait for `outpost gc`.
+async fn reap_uploads(store: Store, timeout: std::time::Duration, shutdown: CancellationToken) {
+    let every = (timeout / 2).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(300),
+    );
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match store.reap_uploads(timeout).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "abandoned upload sessions removed"),
+            Err(e) => tracing::warn!(error = %e, "removing abandoned upload sessions failed"),
+        }
+    }
+}
+
 /// Loads and validates the configuration at `path` for a reload, with its issuer keys.
 /// Settings not built yet are refused, as at start-up.
 fn prepare_reload(path: &Path) -> anyhow::Result<(Config, Vec<ed25519_dalek::VerifyingKey>)> {
@@ -285,6 +305,11 @@ impl Daemon {
             let budget = config.storage.max_size;
             async move { cache.maintain(budget, MAINTENANCE_INTERVAL, shutdown).await }
         });
+        let reaper = tokio::spawn(reap_uploads(
+            store.clone(),
+            config.storage.upload_timeout,
+            shutdown.clone(),
+        ));
         let keys = tokio::spawn(keyring::upkeep(
             auth.clone(),
             store.clone(),
@@ -332,7 +357,7 @@ impl Daemon {
             tls_addrs,
             shutdown,
             task,
-            background: vec![maintenance, admin, keys, schedules],
+            background: vec![maintenance, admin, keys, schedules, reaper],
             pull_through: cache,
             tls,
             auth,
@@ -440,7 +465,14 @@ impl Daemon {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
-        self.pull_through.close().await;
+        // Downloads still committing get the grace period too; one that cannot finish in
+        // it is abandoned (its temp file is swept at the next start).
+        if tokio::time::timeout(self.config.server.shutdown_grace, self.pull_through.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("downloads still running at shutdown were abandoned");
+        }
         for task in self.background {
             let _ = task.await;
         }

@@ -815,3 +815,107 @@ fn config_granting_push_to_anonymous_is_rejected() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("push"), "{err}");
 }
+
+/// Upload sessions over HTTP: the status answers a pull-scoped token of the principal
+/// that opened the session (the newer conformance suite asks with one) and nobody else;
+/// a chunked PATCH whose body is longer than its `Content-Range` is refused with 416 and
+/// appends nothing; one key holds at most `storage.max_upload_sessions` sessions (429).
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_sessions_answer_their_owner_and_hold_to_ranges_and_limits() {
+    let dir = tmp();
+    let issuer = Issuer::new(&dir.path().join("keys"));
+    let config = dir.path().join("outpost.toml");
+    let server = Server::start_written(
+        |port| {
+            std::fs::write(
+                &config,
+                format!(
+                    "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\n\
+                     [storage]\npath = {:?}\nmax_upload_sessions = 2\n[auth]\nissuer_keys = [{:?}]\n",
+                    dir.path().join("data"),
+                    issuer.public()
+                ),
+            )
+            .expect("write config");
+            config.clone()
+        },
+        "info",
+    );
+    let key = issuer.issue("ci", &["team/**"], "pull,push", "1h");
+    let other = issuer.issue("other", &["team/**"], "pull,push", "1h");
+    let c = client();
+    let start = |key: String| {
+        let c = c.clone();
+        let url = server.url("/v2/team/app/blobs/uploads/");
+        async move { c.post(url).bearer_auth(key).send().await.expect("send") }
+    };
+    let r = start(key.clone()).await;
+    assert_eq!(r.status(), 202);
+    let url = server.url(r.headers()["location"].to_str().expect("ascii"));
+
+    // A pull token obtained with the same key reads the status (regression: 403).
+    let r = c
+        .get(server.url("/token?service=outpost&scope=repository:team/app:pull"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("token");
+    let token = r.json::<serde_json::Value>().await.expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let r = c.get(&url).bearer_auth(&token).send().await.expect("send");
+    assert_eq!(r.status(), 204, "the owner's pull token reads the status");
+    for who in [&other, &token] {
+        let r = c
+            .patch(&url)
+            .bearer_auth(who)
+            .body(vec![1u8; 10])
+            .send()
+            .await
+            .expect("send");
+        assert!(
+            [403, 404].contains(&r.status().as_u16()),
+            "only the owner's push may write: {}",
+            r.status()
+        );
+    }
+    let r = c.get(&url).bearer_auth(&other).send().await.expect("send");
+    assert_eq!(r.status(), 404, "another key does not see the session");
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+
+    // Chunked (no Content-Length) with a range of 10 bytes and 1000 bytes of body.
+    let chunked =
+        reqwest::Body::wrap_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+            bytes::Bytes::from(vec![7u8; 1000]),
+        )]));
+    let r = c
+        .patch(&url)
+        .bearer_auth(&key)
+        .header("Content-Range", "0-9")
+        .body(chunked)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 416);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    let r = c.get(&url).bearer_auth(&key).send().await.expect("send");
+    assert_eq!(r.headers()["range"], "0-0", "nothing was appended");
+
+    assert_eq!(start(key.clone()).await.status(), 202);
+    let r = start(key.clone()).await;
+    assert_eq!(r.status(), 429, "a third session for the same key");
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    assert_eq!(
+        start(other.clone()).await.status(),
+        202,
+        "another key's own"
+    );
+    let r = c.delete(&url).bearer_auth(&key).send().await.expect("send");
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        start(key).await.status(),
+        202,
+        "the cancelled session freed a slot"
+    );
+}

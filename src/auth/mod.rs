@@ -101,6 +101,22 @@ impl Principal {
         }
     }
 
+    /// Who owns the upload sessions this principal opens: the API key (directly or
+    /// through a token obtained with it), else the central user or the token's subject.
+    /// A session is visible to its owner only.
+    pub fn session_owner(&self) -> String {
+        if let Some(id) = self.key_id() {
+            return format!("key:{id}");
+        }
+        match self {
+            Principal::Anonymous => "anonymous".to_owned(),
+            Principal::Key(claims) => format!("key:{}", claims.id),
+            Principal::Central(user) => format!("central:{}", user.name),
+            Principal::Token(claims) if claims.central => format!("central:{}", claims.subject),
+            Principal::Token(claims) => format!("token:{}", claims.subject),
+        }
+    }
+
     /// The central-registry user behind this principal (directly, or through a token
     /// issued to one), whose pulls of central repositories need the central registry's
     /// own yes as well.

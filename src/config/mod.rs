@@ -97,6 +97,8 @@ pub struct StorageConfig {
     pub db_cache: usize,
     /// Free space kept for metadata commits: new blob data is refused (507) below it.
     pub reserve: u64,
+    /// Open upload sessions one principal may hold; more are refused with 429.
+    pub max_upload_sessions: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -391,6 +393,14 @@ impl Validator {
             reserve: self
                 .size("storage.reserve", raw.reserve.as_deref())
                 .unwrap_or(DEFAULT_RESERVE),
+            max_upload_sessions: match raw.max_upload_sessions {
+                None => 64,
+                Some(n @ 1..=100_000) => n,
+                Some(_) => {
+                    self.err("storage.max_upload_sessions: must be 1 to 100000");
+                    64
+                }
+            },
         }
     }
 

@@ -53,6 +53,7 @@ pub struct RawStorage {
     pub upload_timeout: Option<String>,
     pub db_cache: Option<String>,
     pub reserve: Option<String>,
+    pub max_upload_sessions: Option<usize>,
 }
 
 #[derive(Deserialize)]

@@ -326,6 +326,16 @@ impl From<UploadError> for ApiError {
                 ErrorCode::BlobUploadInvalid,
                 format!("request body was not received: {e}"),
             ),
+            UploadError::RangeMismatch { .. } => ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                ErrorCode::BlobUploadInvalid,
+                e.to_string(),
+            ),
+            UploadError::TooMany { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyRequests,
+                e.to_string(),
+            ),
             UploadError::Storage(s) => s.into(),
         }
     }

@@ -386,12 +386,14 @@ async fn dispatch(
             digest,
             mount,
         } => registry::start_upload(state, ctx, &repo, digest.as_ref(), mount.as_ref(), req).await,
-        Route::UploadStatus { repo, id } => registry::upload_status(state, &repo, &id).await,
-        Route::PatchUpload { repo, id } => registry::patch_upload(state, &repo, &id, req).await,
-        Route::FinishUpload { repo, id, digest } => {
-            registry::finish_upload(state, &repo, &id, &digest, req).await
+        Route::UploadStatus { repo, id } => registry::upload_status(state, ctx, &repo, &id).await,
+        Route::PatchUpload { repo, id } => {
+            registry::patch_upload(state, ctx, &repo, &id, req).await
         }
-        Route::CancelUpload { repo, id } => registry::cancel_upload(state, &repo, &id).await,
+        Route::FinishUpload { repo, id, digest } => {
+            registry::finish_upload(state, ctx, &repo, &id, &digest, req).await
+        }
+        Route::CancelUpload { repo, id } => registry::cancel_upload(state, ctx, &repo, &id).await,
         Route::Tags { repo, page } => registry::tags(state, &repo, &page).await,
         Route::Referrers {
             repo,

@@ -14,7 +14,7 @@ use super::route::Page;
 use super::{Ctx, State};
 use crate::oci::manifest::OCI_INDEX;
 use crate::oci::{Digest, ErrorCode, MAX_MANIFEST_BYTES, Reference, RepoName};
-use crate::storage::{FileRange, LinkOrigin, ReferrerRecord, StoredManifest};
+use crate::storage::{ChunkRange, FileRange, LinkOrigin, ReferrerRecord, Session, StoredManifest};
 
 type Result<T> = std::result::Result<T, ApiError>;
 
@@ -288,7 +288,10 @@ pub async fn delete_blob(
     )
 }
 
-fn content_range_start(req: &http::Request<Incoming>) -> Result<Option<u64>> {
+/// The chunk range of an upload request's `Content-Range` (`<start>-<end>`, with an
+/// optional `bytes ` prefix and `/<total>` suffix). With a `Content-Length` the two must
+/// agree; without one (a chunked body) the body is held to the range's length.
+fn chunk_range(req: &http::Request<Incoming>) -> Result<Option<ChunkRange>> {
     let Some(v) = req.headers().get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
@@ -316,16 +319,20 @@ fn content_range_start(req: &http::Request<Incoming>) -> Result<Option<u64>> {
     if end < start {
         return Err(bad());
     }
-    if let Some(len) = req
+    let len = end - start + 1;
+    if let Some(declared) = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        && len != end - start + 1
+        && declared != len
     {
         return Err(bad());
     }
-    Ok(Some(start))
+    Ok(Some(ChunkRange {
+        start,
+        len: Some(len),
+    }))
 }
 
 pub async fn start_upload(
@@ -351,14 +358,23 @@ pub async fn start_upload(
             .await?;
         return blob_created(repo, digest);
     }
-    let id = state.store.start_upload(repo).await?;
+    let owner = ctx.principal.session_owner();
+    let id = state
+        .store
+        .start_upload(repo, &owner, state.config.storage.max_upload_sessions)
+        .await?;
     upload_accepted(repo, &id, 0, StatusCode::ACCEPTED)
 }
 
-pub async fn upload_status(state: &State, repo: &RepoName, id: &str) -> Result<Response<Body>> {
+pub async fn upload_status(
+    state: &State,
+    ctx: &Ctx,
+    repo: &RepoName,
+    id: &str,
+) -> Result<Response<Body>> {
     let offset = state
         .store
-        .upload_offset(repo, id)
+        .upload_offset(repo, id, &ctx.principal.session_owner())
         .await?
         .ok_or_else(ApiError::upload_unknown)?;
     upload_accepted(repo, id, offset, StatusCode::NO_CONTENT)
@@ -366,34 +382,62 @@ pub async fn upload_status(state: &State, repo: &RepoName, id: &str) -> Result<R
 
 pub async fn patch_upload(
     state: &State,
+    ctx: &Ctx,
     repo: &RepoName,
     id: &str,
     req: http::Request<Incoming>,
 ) -> Result<Response<Body>> {
-    let start = content_range_start(&req)?;
+    let range = chunk_range(&req)?;
     let stream = body::request_stream(req.into_body(), state.config.server.body_idle_timeout, None);
-    let offset = state.store.append_upload(repo, id, start, stream).await?;
+    let owner = ctx.principal.session_owner();
+    let session = Session {
+        repo,
+        id,
+        owner: &owner,
+    };
+    let offset = state.store.append_upload(&session, range, stream).await?;
     upload_accepted(repo, id, offset, StatusCode::ACCEPTED)
 }
 
 pub async fn finish_upload(
     state: &State,
+    ctx: &Ctx,
     repo: &RepoName,
     id: &str,
     digest: &Digest,
     req: http::Request<Incoming>,
 ) -> Result<Response<Body>> {
-    let start = content_range_start(&req)?;
+    let range = chunk_range(&req)?;
     let stream = body::request_stream(req.into_body(), state.config.server.body_idle_timeout, None);
+    let owner = ctx.principal.session_owner();
+    let session = Session {
+        repo,
+        id,
+        owner: &owner,
+    };
     state
         .store
-        .finish_upload(repo, id, start, digest, stream)
+        .finish_upload(&session, range, digest, stream)
         .await?;
     blob_created(repo, digest)
 }
 
-pub async fn cancel_upload(state: &State, repo: &RepoName, id: &str) -> Result<Response<Body>> {
-    if !state.store.cancel_upload(repo, id).await? {
+pub async fn cancel_upload(
+    state: &State,
+    ctx: &Ctx,
+    repo: &RepoName,
+    id: &str,
+) -> Result<Response<Body>> {
+    let owner = ctx.principal.session_owner();
+    if !state
+        .store
+        .cancel_upload(&Session {
+            repo,
+            id,
+            owner: &owner,
+        })
+        .await?
+    {
         return Err(ApiError::upload_unknown());
     }
     finish(builder(StatusCode::NO_CONTENT), body::empty())

@@ -118,13 +118,15 @@ impl Route {
     pub fn scope(&self) -> Option<(&RepoName, Action)> {
         use Route::*;
         match self {
+            // An upload's status is a read (clients ask with a pull token, as they do for
+            // every GET); the session answers only to the principal that opened it.
             GetManifest { repo, .. }
             | GetBlob { repo, .. }
             | Tags { repo, .. }
-            | Referrers { repo, .. } => Some((repo, Action::Pull)),
+            | Referrers { repo, .. }
+            | UploadStatus { repo, .. } => Some((repo, Action::Pull)),
             PutManifest { repo, .. }
             | StartUpload { repo, .. }
-            | UploadStatus { repo, .. }
             | PatchUpload { repo, .. }
             | FinishUpload { repo, .. }
             | CancelUpload { repo, .. } => Some((repo, Action::Push)),
@@ -586,8 +588,10 @@ mod tests {
 
     #[test]
     fn scopes_follow_methods() {
-        let pull = r(Method::GET, "/v2/a/blobs/uploads/abc", None).expect("routes");
-        assert_eq!(pull.scope().map(|s| s.1), Some(Action::Push));
+        let status = r(Method::GET, "/v2/a/blobs/uploads/abc", None).expect("routes");
+        assert_eq!(status.scope().map(|s| s.1), Some(Action::Pull));
+        let patch = r(Method::PATCH, "/v2/a/blobs/uploads/abc", None).expect("routes");
+        assert_eq!(patch.scope().map(|s| s.1), Some(Action::Push));
         let del = r(Method::DELETE, "/v2/a/manifests/v1", None).expect("routes");
         assert_eq!(del.scope().map(|s| s.1), Some(Action::Delete));
     }

@@ -99,6 +99,9 @@ type FlightKey = String;
 #[derive(Default)]
 pub struct Flights {
     running: Mutex<HashMap<FlightKey, Arc<Flight>>>,
+    /// The leaders' downloads: a clean stop waits for them, so a blob whose last byte a
+    /// client already received is committed, not lost (see [`Flights::close`]).
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// What a leader needs to run a download.
@@ -172,6 +175,13 @@ impl Flights {
         lock(&self.running)
     }
 
+    /// Waits for the downloads running now to finish (commit or fail). Call once no more
+    /// requests come: on a clean stop.
+    pub async fn close(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
     /// Joins the download of `fetch.digest`, starting it if none is running, and waits
     /// until the upstream has answered. Joining a download for another repository first
     /// asks the upstream to confirm this repository has the blob.
@@ -198,7 +208,7 @@ impl Flights {
                         tx,
                         failure: None,
                     };
-                    tokio::spawn(async move {
+                    self.tasks.spawn(async move {
                         if let Err(e) = download(&fetch, &leader.flight, &leader.tx).await {
                             tracing::warn!(
                                 upstream = fetch.upstream.name(),

@@ -238,9 +238,10 @@ impl PullThrough {
         }
     }
 
-    /// Waits for background work started by requests (central learning). Call once no
-    /// more requests come.
+    /// Waits for background work started by requests: downloads still committing, and
+    /// central learning. Call once no more requests come.
     pub async fn close(&self) {
+        self.blobs.close().await;
         self.tasks.close();
         self.tasks.wait().await;
     }

@@ -131,7 +131,8 @@ pub(super) fn gc(
         let mut uploads = txn.open_table(UPLOADS)?;
         for entry in uploads.iter()? {
             let (k, v) = entry?;
-            if UploadRecord::decode(v.value())?.started < upload_cutoff {
+            let started = UploadRecord::decode(v.value())?.started;
+            if inner.upload_last_activity(k.value(), started) < upload_cutoff {
                 doomed_uploads.push(k.value().to_owned());
             }
         }

@@ -49,7 +49,7 @@ pub use files::FileRange;
 pub use maintenance::{FsckReport, GcReport};
 pub use mirrored::{MirrorRunRecord, MirroredTag};
 pub use schema::{CentralDecisionRecord, CentralUserRecord, KeyRecord, LinkOrigin, ReferrerRecord};
-pub use uploads::UploadError;
+pub use uploads::{ChunkRange, Session, UploadError};
 pub use upstream_tags::AcceptClass;
 pub use writer::{GrowingBlob, StreamError, WriteError};
 

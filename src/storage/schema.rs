@@ -209,24 +209,52 @@ impl<'a> TagRecord<'a> {
 /// after the id; the offset is that file's length.
 pub struct UploadRecord<'a> {
     pub started: u64,
+    /// Who opened the session (see `Principal::session_owner`); empty in sessions a
+    /// release before owners were recorded opened: those stay open to anyone allowed to
+    /// push to the repository.
+    pub owner: &'a str,
     pub repo: &'a str,
 }
 
+/// Encoding version of an upload record with its owner.
+const UPLOAD_V2: u8 = 2;
+
 impl<'a> UploadRecord<'a> {
-    pub fn encode(started: u64, repo: &str) -> Vec<u8> {
-        let mut v = Vec::with_capacity(9 + repo.len());
-        v.push(V1);
+    /// `[v2][started u64][owner length u16][owner][repository]`.
+    pub fn encode(started: u64, owner: &str, repo: &str) -> Vec<u8> {
+        let owner = &owner.as_bytes()[..owner.len().min(u16::MAX as usize)];
+        let mut v = Vec::with_capacity(11 + owner.len() + repo.len());
+        v.push(UPLOAD_V2);
         v.extend_from_slice(&started.to_le_bytes());
+        v.extend_from_slice(&(owner.len() as u16).to_le_bytes());
+        v.extend_from_slice(owner);
         v.extend_from_slice(repo.as_bytes());
         v
     }
 
+    /// Reads both `[v1][started u64][repository]` and the v2 layout.
     pub fn decode(b: &'a [u8]) -> Result<UploadRecord<'a>, DecodeError> {
-        check_version(b, "upload")?;
-        Ok(UploadRecord {
-            started: u64_at(b, 1, "upload")?,
-            repo: std::str::from_utf8(&b[9..]).map_err(|_| DecodeError("upload"))?,
-        })
+        let text = |s: &'a [u8]| std::str::from_utf8(s).map_err(|_| DecodeError("upload"));
+        match b.first() {
+            Some(&V1) => Ok(UploadRecord {
+                started: u64_at(b, 1, "upload")?,
+                owner: "",
+                repo: text(b.get(9..).ok_or(DecodeError("upload"))?)?,
+            }),
+            Some(&UPLOAD_V2) => {
+                let len = b
+                    .get(9..11)
+                    .map(|l| u16::from_le_bytes([l[0], l[1]]) as usize)
+                    .ok_or(DecodeError("upload"))?;
+                let owner = b.get(11..11 + len).ok_or(DecodeError("upload"))?;
+                Ok(UploadRecord {
+                    started: u64_at(b, 1, "upload")?,
+                    owner: text(owner)?,
+                    repo: text(b.get(11 + len..).ok_or(DecodeError("upload"))?)?,
+                })
+            }
+            _ => Err(DecodeError("upload")),
+        }
     }
 }
 
@@ -420,10 +448,22 @@ mod tests {
             last_used: Some(4),
         };
         assert_eq!(KeyRecord::decode(&k.encode()).ok(), Some(k));
-        let u = UploadRecord::encode(8, "a/b");
+        let u = UploadRecord::encode(8, "key:ab12", "a/b");
         assert_eq!(
-            UploadRecord::decode(&u).map(|u| (u.started, u.repo)).ok(),
-            Some((8, "a/b"))
+            UploadRecord::decode(&u)
+                .map(|u| (u.started, u.owner, u.repo))
+                .ok(),
+            Some((8, "key:ab12", "a/b"))
+        );
+        // A session recorded before owners were: nobody's in particular.
+        let mut v1 = vec![1];
+        v1.extend_from_slice(&8u64.to_le_bytes());
+        v1.extend_from_slice(b"a/b");
+        assert_eq!(
+            UploadRecord::decode(&v1)
+                .map(|u| (u.started, u.owner, u.repo))
+                .ok(),
+            Some((8, "", "a/b"))
         );
     }
 

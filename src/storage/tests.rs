@@ -87,20 +87,43 @@ fn backdate_blob(store: &Store, digest: &Digest, by: Duration) {
     txn.commit().expect("commit");
 }
 
-/// Moves the start of upload `id` `by` into the past.
-fn backdate_upload(store: &Store, id: &str, by: Duration) {
+/// Moves the start of upload `id` `by` into the past, and its last write too unless
+/// `touched` (a session written to just now).
+fn backdate_upload(store: &Store, id: &str, by: Duration, touched: bool) {
     let txn = store.inner.db.begin_write().expect("txn");
     {
         let mut uploads = txn.open_table(UPLOADS).expect("uploads");
-        let (started, r) = {
+        let (started, owner, r) = {
             let v = uploads.get(id).expect("get").expect("record");
             let rec = UploadRecord::decode(v.value()).expect("decode");
-            (rec.started, rec.repo.to_owned())
+            (rec.started, rec.owner.to_owned(), rec.repo.to_owned())
         };
-        let rec = UploadRecord::encode(started - by.as_secs(), &r);
+        let rec = UploadRecord::encode(started - by.as_secs(), &owner, &r);
         uploads.insert(id, rec.as_slice()).expect("insert");
     }
     txn.commit().expect("commit");
+    if !touched {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(store.inner.files.upload_path(id))
+            .expect("upload file");
+        file.set_modified(std::time::SystemTime::now() - by)
+            .expect("set mtime");
+    }
+}
+
+const CI: &str = "key:ci";
+
+fn session<'a>(r: &'a RepoName, id: &'a str) -> Session<'a> {
+    Session {
+        repo: r,
+        id,
+        owner: CI,
+    }
+}
+
+fn from(start: u64) -> Option<ChunkRange> {
+    Some(ChunkRange { start, len: None })
 }
 
 fn tmp_files(dir: &tempfile::TempDir) -> usize {
@@ -186,9 +209,9 @@ async fn an_upload_resumes_after_a_restart() {
     let digest = Digest::sha256_of(&content);
     let id = {
         let store = open(&dir);
-        let id = store.start_upload(&r).await.expect("start");
+        let id = store.start_upload(&r, CI, 8).await.expect("start");
         let offset = store
-            .append_upload(&r, &id, Some(0), body(&content[..11]))
+            .append_upload(&session(&r, &id), from(0), body(&content[..11]))
             .await
             .expect("append");
         assert_eq!(offset, 11);
@@ -196,11 +219,11 @@ async fn an_upload_resumes_after_a_restart() {
     };
     let store = open(&dir);
     assert_eq!(
-        store.upload_offset(&r, &id).await.expect("offset"),
+        store.upload_offset(&r, &id, CI).await.expect("offset"),
         Some(11)
     );
     let size = store
-        .finish_upload(&r, &id, Some(11), &digest, body(&content[11..]))
+        .finish_upload(&session(&r, &id), from(11), &digest, body(&content[11..]))
         .await
         .expect("finish");
     assert_eq!(size, content.len() as u64);
@@ -210,7 +233,10 @@ async fn an_upload_resumes_after_a_restart() {
         .expect("open")
         .expect("stored");
     assert_eq!(handle.size, content.len() as u64);
-    assert_eq!(store.upload_offset(&r, &id).await.expect("offset"), None);
+    assert_eq!(
+        store.upload_offset(&r, &id, CI).await.expect("offset"),
+        None
+    );
 }
 
 /// A crash after the bytes were written but before the commit (the rename, or the
@@ -274,24 +300,148 @@ async fn gc_collects_abandoned_uploads_past_the_upload_timeout() {
     let dir = tempfile::tempdir().expect("dir");
     let store = open(&dir);
     let r = repo("team/app");
-    let abandoned = store.start_upload(&r).await.expect("start");
+    let abandoned = store.start_upload(&r, CI, 8).await.expect("start");
     store
-        .append_upload(&r, &abandoned, None, body(b"half a layer"))
+        .append_upload(&session(&r, &abandoned), None, body(b"half a layer"))
         .await
         .expect("append");
-    let active = store.start_upload(&r).await.expect("start");
-    backdate_upload(&store, &abandoned, 2 * HOUR);
+    let active = store.start_upload(&r, CI, 8).await.expect("start");
+    backdate_upload(&store, &abandoned, 2 * HOUR, false);
     let report = store.gc(HOUR, HOUR).expect("gc");
     assert_eq!(report.uploads_removed, 1);
     assert_eq!(
-        store.upload_offset(&r, &abandoned).await.expect("offset"),
+        store
+            .upload_offset(&r, &abandoned, CI)
+            .await
+            .expect("offset"),
         None
     );
     assert!(!dir.path().join("uploads").join(&abandoned).exists());
     assert_eq!(
-        store.upload_offset(&r, &active).await.expect("offset"),
+        store.upload_offset(&r, &active, CI).await.expect("offset"),
         Some(0)
     );
+}
+
+/// Regression: `upload_timeout` was measured from the session's start, so gc removed a
+/// session PATCHed seconds earlier. Idle time runs from the last write; the daemon's
+/// reaper and gc agree.
+#[tokio::test]
+async fn an_upload_written_to_recently_is_not_abandoned() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("team/app");
+    let busy = store.start_upload(&r, CI, 8).await.expect("start");
+    let idle = store.start_upload(&r, CI, 8).await.expect("start");
+    backdate_upload(&store, &busy, 2 * HOUR, true);
+    backdate_upload(&store, &idle, 2 * HOUR, false);
+    assert_eq!(store.reap_uploads(HOUR).await.expect("reap"), 1);
+    assert_eq!(store.gc(HOUR, HOUR).expect("gc").uploads_removed, 0);
+    assert_eq!(
+        store.upload_offset(&r, &busy, CI).await.expect("offset"),
+        Some(0)
+    );
+    assert_eq!(
+        store.upload_offset(&r, &idle, CI).await.expect("offset"),
+        None
+    );
+}
+
+/// A session answers only to the principal that opened it; to anyone else it does not
+/// exist (so nothing can be appended to, finished or cancelled by them).
+#[tokio::test]
+async fn upload_sessions_are_private_to_their_owner() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("team/app");
+    let id = store.start_upload(&r, CI, 8).await.expect("start");
+    let other = Session {
+        repo: &r,
+        id: &id,
+        owner: "key:other",
+    };
+    assert_eq!(
+        store
+            .upload_offset(&r, &id, "key:other")
+            .await
+            .expect("offset"),
+        None
+    );
+    assert!(matches!(
+        store.append_upload(&other, None, body(b"x")).await,
+        Err(UploadError::Unknown)
+    ));
+    assert!(!store.cancel_upload(&other).await.expect("cancel"));
+    assert_eq!(
+        store.upload_offset(&r, &id, CI).await.expect("offset"),
+        Some(0)
+    );
+}
+
+/// Regression: sessions were unbounded (10,000 opened in 5 s from one key). One
+/// principal holds at most `limit`; a finished or cancelled one frees its slot.
+#[tokio::test]
+async fn a_principal_may_hold_only_so_many_open_sessions() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("team/app");
+    let first = store.start_upload(&r, CI, 2).await.expect("start");
+    store.start_upload(&r, CI, 2).await.expect("start");
+    assert!(matches!(
+        store.start_upload(&r, CI, 2).await,
+        Err(UploadError::TooMany { limit: 2 })
+    ));
+    store
+        .start_upload(&r, "key:other", 2)
+        .await
+        .expect("another key's own");
+    assert!(
+        store
+            .cancel_upload(&session(&r, &first))
+            .await
+            .expect("cancel")
+    );
+    store
+        .start_upload(&r, CI, 2)
+        .await
+        .expect("a slot was freed");
+}
+
+/// Regression: a chunked PATCH with `Content-Range: 10-19` and a 1000-byte body was
+/// accepted. A chunk must be exactly as long as its range; otherwise nothing is appended.
+#[tokio::test]
+async fn a_chunk_longer_or_shorter_than_its_range_appends_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let r = repo("team/app");
+    let id = store.start_upload(&r, CI, 8).await.expect("start");
+    let s = session(&r, &id);
+    let range = |start, len| {
+        Some(ChunkRange {
+            start,
+            len: Some(len),
+        })
+    };
+    assert_eq!(
+        store
+            .append_upload(&s, range(0, 10), body(&[1; 10]))
+            .await
+            .expect("exact"),
+        10
+    );
+    for (len, sent) in [(10, 1000), (10, 5)] {
+        let got = store
+            .append_upload(&s, range(10, len), body(&vec![2; sent]))
+            .await;
+        assert!(
+            matches!(got, Err(UploadError::RangeMismatch { expected: 10, .. })),
+            "{sent} bytes for a 10-byte range: {got:?}"
+        );
+        assert_eq!(
+            store.upload_offset(&r, &id, CI).await.expect("offset"),
+            Some(10)
+        );
+    }
 }
 
 // ---- fsck ----
