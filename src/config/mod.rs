@@ -75,6 +75,8 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// How long in-flight requests get to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// Connections served at once; more are closed as they arrive.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -369,6 +371,14 @@ impl Validator {
                 raw.shutdown_grace.as_deref(),
                 Duration::from_secs(30),
             ),
+            max_connections: match raw.max_connections {
+                None => 4096,
+                Some(n @ 1..=1_000_000) => n,
+                Some(_) => {
+                    self.err("server.max_connections: must be 1 to 1000000");
+                    4096
+                }
+            },
         }
     }
 

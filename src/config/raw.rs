@@ -31,6 +31,7 @@ pub struct RawServer {
     pub body_idle_timeout: Option<String>,
     pub max_header_bytes: Option<String>,
     pub shutdown_grace: Option<String>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Deserialize)]

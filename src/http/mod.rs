@@ -10,6 +10,7 @@
 //! and maps its `AccessError` to a response.
 
 mod body;
+mod deadline;
 mod error;
 mod proxy;
 mod registry;

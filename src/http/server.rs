@@ -1,8 +1,11 @@
-//! Listeners and connection serving: plain HTTP/1.1 + h2c, and TLS with ALPN. Header
-//! timeouts and size limits are set here; graceful drain on shutdown.
+//! Listeners and connection serving: plain HTTP/1.1 + h2c, and TLS with ALPN. Timeouts
+//! (first byte, TLS handshake, headers, write progress), size limits and the connection
+//! limit are set here; accept errors back off; graceful drain on shutdown.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use http::{Request, Version};
 use hyper::body::Incoming;
@@ -15,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::FileSender;
+use super::deadline::WriteDeadline;
 use super::tls::TlsSettings;
 use super::zerocopy::{FileQueue, SendfileStream};
 use super::{State, handle};
@@ -55,9 +59,16 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let tracker = TaskTracker::new();
+    let limits = Arc::new(Limits::new(state.config.server.max_connections));
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Conn>(64);
     for l in listeners.plain {
-        tracker.spawn(accept_loop(l, None, conn_tx.clone(), shutdown.clone()));
+        tracker.spawn(accept_loop(
+            l,
+            None,
+            conn_tx.clone(),
+            limits.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(tls) = tls {
         for l in listeners.tls {
@@ -65,12 +76,17 @@ pub async fn serve(
                 l,
                 Some(tls.clone()),
                 conn_tx.clone(),
+                limits.clone(),
                 shutdown.clone(),
             ));
         }
     }
     drop(conn_tx);
     let builder = builder(&state);
+    let (first_byte, stall) = (
+        state.config.server.header_timeout,
+        state.config.server.body_idle_timeout,
+    );
     while let Some(conn) = conn_rx.recv().await {
         let st = state.clone();
         let peer = conn.peer;
@@ -85,15 +101,33 @@ pub async fn serve(
             }
             async move { Ok::<_, std::convert::Infallible>(handle(st, req, peer).await) }
         });
+        let (builder, watcher, slot) = (builder.clone(), graceful.watcher(), conn.slot);
         match conn.io {
             Io::Plain(s) => {
-                let io = TokioIo::new(SendfileStream::new(s, files));
-                let c = builder.serve_connection(io, svc).into_owned();
-                tokio::spawn(graceful.watch(c));
+                tokio::spawn(async move {
+                    // A connection that never speaks is closed (hyper's header timeout
+                    // only starts at the first byte).
+                    let mut probe = [0u8; 1];
+                    if tokio::time::timeout(first_byte, s.peek(&mut probe))
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(%peer, "closed a connection that sent nothing");
+                        return;
+                    }
+                    let io = WriteDeadline::new(SendfileStream::new(s, files), stall);
+                    let c = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+                    let _ = watcher.watch(c).await;
+                    drop(slot);
+                });
             }
             Io::Tls(s) => {
-                let c = builder.serve_connection(TokioIo::new(*s), svc).into_owned();
-                tokio::spawn(graceful.watch(c));
+                tokio::spawn(async move {
+                    let io = WriteDeadline::new(*s, stall);
+                    let c = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+                    let _ = watcher.watch(c).await;
+                    drop(slot);
+                });
             }
         }
     }
@@ -119,27 +153,110 @@ enum Io {
 struct Conn {
     io: Io,
     peer: SocketAddr,
+    /// Counts the connection against `server.max_connections` until dropped.
+    slot: Slot,
 }
+
+/// The connection limit and the accept-error backoff, with their rate-limited logs.
+struct Limits {
+    max: usize,
+    open: Arc<AtomicUsize>,
+    refused: AtomicU64,
+    /// When a refusal was last logged.
+    logged: std::sync::Mutex<Option<Instant>>,
+}
+
+/// One open connection's place under the limit.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// At most one log line per this long for refused connections and accept errors.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Limits {
+    fn new(max: usize) -> Limits {
+        Limits {
+            max,
+            open: Arc::default(),
+            refused: AtomicU64::new(0),
+            logged: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// A slot for a new connection, or `None` (counted, logged now and then) at the limit.
+    fn admit(&self) -> Option<Slot> {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.due() {
+                tracing::warn!(
+                    limit = self.max,
+                    refused_total = refused,
+                    "connection limit reached (server.max_connections): new connections are closed at once"
+                );
+            }
+            return None;
+        }
+        Some(Slot(self.open.clone()))
+    }
+
+    /// Whether a rate-limited log line may be written now.
+    fn due(&self) -> bool {
+        let Ok(mut last) = self.logged.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if last.is_some_and(|l| now.duration_since(l) < LOG_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// Accept-error backoff: 10 ms, doubling to 1 s; reset by the next accepted connection.
+const BACKOFF_START: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsSettings>,
     tx: tokio::sync::mpsc::Sender<Conn>,
+    limits: Arc<Limits>,
     shutdown: CancellationToken,
 ) {
+    let mut backoff = BACKOFF_START;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                backoff = BACKOFF_START;
+                a
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // EMFILE and friends: back off instead of spinning and flooding the log.
+                if limits.due() {
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "accept failed");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
+        };
+        let Some(slot) = limits.admit() else {
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         match &tls {
@@ -148,6 +265,7 @@ async fn accept_loop(
                     .send(Conn {
                         io: Io::Plain(stream),
                         peer,
+                        slot,
                     })
                     .await
                     .is_err()
@@ -167,6 +285,7 @@ async fn accept_loop(
                                 .send(Conn {
                                     io: Io::Tls(Box::new(s)),
                                     peer,
+                                    slot,
                                 })
                                 .await;
                         }
