@@ -724,3 +724,79 @@ async fn a_failed_request_logs_its_cause_once_in_its_span() {
         assert!(line.contains(field), "{field} missing in: {line}");
     }
 }
+
+/// Regression: with the upstream hung (connections accepted, never answered), every
+/// expired tag waited the whole revalidation wait (2 s each for two tags in a row).
+/// After one revalidation waits in vain, later stale tags are answered at once (here:
+/// before the client's own 3 s timeout, while the wait is 5 s), until the upstream
+/// answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_upstream_is_waited_for_once_not_for_every_tag() {
+    let dir = tmp();
+    let fake = FakeUpstream::start();
+    let tags = ["a", "b", "c"];
+    for (i, tag) in tags.iter().enumerate() {
+        fake.add_image("library/hung", tag, 40 + i as u64, &[1000]);
+    }
+    let server = outpost_for(
+        dir.path(),
+        &fake.url(),
+        "tag_ttl = \"1s\"\nrevalidate_wait = \"5s\"\nread_timeout = \"60s\"",
+        "",
+    );
+    let url = |tag: &str| format!("/v2/docker.io/library/hung/manifests/{tag}");
+    for tag in tags {
+        assert_eq!(get(&server, &url(tag)).await.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for tag in tags {
+        fake.set_fault(
+            &FakeUpstream::manifest_path("library/hung", tag),
+            Fault::Stall,
+        );
+    }
+    // The first expired tag waits the revalidation wait, then is served stale.
+    assert_eq!(get(&server, &url("a")).await.status(), 200);
+    // The next ones do not wait for the hung upstream.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("client");
+    for tag in ["b", "c"] {
+        let r = impatient
+            .get(server.url(&url(tag)))
+            .header("Accept", OCI_MANIFEST)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{tag} waited for the hung upstream: {e}"));
+        assert_eq!(r.status(), 200, "{tag} served stale");
+    }
+    let logs = server.logs();
+    assert_eq!(
+        logs.matches("did not answer a revalidation in time")
+            .count(),
+        1,
+        "{logs}"
+    );
+    // The upstream answers again: revalidations go through and the mark is gone.
+    fake.release_stalls();
+    for tag in tags {
+        fake.clear_fault(&FakeUpstream::manifest_path("library/hung", tag));
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/manifests/a"))
+        .count();
+    assert_eq!(get(&server, &url("a")).await.status(), 200);
+    let after = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/manifests/a"))
+        .count();
+    assert!(
+        after > before,
+        "revalidated against the upstream once it answers"
+    );
+}

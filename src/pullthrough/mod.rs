@@ -421,7 +421,15 @@ impl PullThrough {
                 coalesced,
             });
         };
-        let outcome = tokio::time::timeout(t.upstream.revalidate_wait(), waiter.wait()).await;
+        // While the upstream is known to hang, stale answers go out at once; the
+        // revalidation still runs, and its answer clears the mark.
+        let client = t.upstream.client();
+        let wait = if client.is_slow() {
+            Duration::ZERO
+        } else {
+            t.upstream.revalidate_wait()
+        };
+        let outcome = tokio::time::timeout(wait, waiter.wait()).await;
         match outcome {
             Ok(Some(Ok(manifest))) => {
                 self.fresh.put(key, manifest.clone(), self.clock.now_secs());
@@ -449,6 +457,14 @@ impl PullThrough {
                 })
             }
             Ok(None) | Err(_) => {
+                if !client.is_slow() {
+                    client.mark_slow();
+                    tracing::warn!(
+                        upstream = t.upstream.name(),
+                        "the upstream did not answer a revalidation in time: serving stale \
+                         tags at once until it answers again"
+                    );
+                }
                 tracing::info!(
                     upstream = t.upstream.name(),
                     repo = %t.canonical,

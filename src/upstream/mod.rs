@@ -26,7 +26,7 @@ mod tests;
 pub(crate) mod testserver;
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -234,6 +234,9 @@ struct Inner {
     tokens: TokenCache,
     breaker: Mutex<Breaker>,
     rate_limit_remaining: AtomicU64,
+    /// A revalidation waited in vain (the upstream accepted, then said nothing): until it
+    /// answers again, callers serve what they have at once instead of waiting.
+    slow: AtomicBool,
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (every critical
@@ -291,6 +294,7 @@ impl Upstream {
                     config.breaker_cooldown,
                 )),
                 rate_limit_remaining: AtomicU64::new(NO_RATE_LIMIT),
+                slow: AtomicBool::new(false),
             }),
         })
     }
@@ -491,6 +495,17 @@ impl Upstream {
             .await
     }
 
+    /// Marks the upstream slow: a caller waited for an answer in vain. Cleared by the
+    /// next answer it gives (to the revalidation still running, say).
+    pub fn mark_slow(&self) {
+        self.inner.slow.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the upstream is marked slow (see [`Upstream::mark_slow`]).
+    pub fn is_slow(&self) -> bool {
+        self.inner.slow.load(Ordering::Relaxed)
+    }
+
     /// Breaker state and the last `ratelimit-remaining` seen.
     pub fn health(&self) -> UpstreamHealth {
         let remaining = self.inner.rate_limit_remaining.load(Ordering::Relaxed);
@@ -641,6 +656,10 @@ impl Inner {
         }
         .await;
         permit.settle(&result);
+        if status.is_some() {
+            // The upstream answered: whatever it said, it is not hung.
+            self.slow.store(false, Ordering::Relaxed);
+        }
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok(_) | Err(UpstreamError::NotFound | UpstreamError::Denied) => tracing::debug!(
