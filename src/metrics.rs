@@ -1,5 +1,7 @@
-//! Prometheus metrics: the registry, every metric family Outpost
-//! exports, and the text exposition served at `/metrics`.
+//! Prometheus metrics: the registry, every metric family Outpost exports, the process
+//! metrics read from `/proc` at scrape time, and the exposition served at `/metrics`:
+//! the Prometheus text format 0.0.4 by default, OpenMetrics when the client asks for it.
+//! Every family is listed (HELP and TYPE) from start-up, with or without series.
 //!
 //! Labels are closed sets (route names, result kinds, configured upstream names), never
 //! anything a client controls, so cardinality stays bounded and no secret or repository
@@ -62,9 +64,23 @@ pub struct MirrorRunLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
+/// A registered family, for listing it while it has no series.
+struct Described {
+    /// The family name as OpenMetrics writes it (prefixed; a counter without `_total`).
+    name: String,
+    help: &'static str,
+    kind: &'static str,
+}
+
 /// Every metric Outpost exports. Cheap to update from any task.
 pub struct Metrics {
     registry: Registry,
+    described: Vec<Described>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_seconds: Family<RouteLabels, Histogram>,
     pub cache: Family<CacheLabels, Counter>,
@@ -208,8 +224,28 @@ impl Metrics {
             "Selected tags a mirror run could not mirror",
             mirror_tags_failed.clone(),
         );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "The running Outpost's version (always 1)",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        let described = DESCRIBED
+            .iter()
+            .map(|(name, help, kind)| Described {
+                name: format!("outpost_{name}"),
+                help,
+                kind,
+            })
+            .collect();
         Metrics {
             registry,
+            described,
             requests,
             request_seconds,
             cache,
@@ -266,13 +302,247 @@ impl Metrics {
         self.auth.get_or_create(&AuthLabels { result }).inc();
     }
 
-    /// The text exposition format.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
+    /// The exposition: OpenMetrics 1.0 when `openmetrics`, else the Prometheus text
+    /// format 0.0.4 (what `promtool check metrics` and most scrapers expect).
+    pub fn encode(&self, openmetrics: bool) -> String {
+        let mut encoded = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        let _ = prometheus_client::encoding::text::encode(&mut encoded, &self.registry);
+        let mut out = encoded
+            .strip_suffix("# EOF\n")
+            .unwrap_or(&encoded)
+            .to_owned();
+        let present: std::collections::HashSet<String> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .map(str::to_owned)
+            .collect();
+        for d in &self.described {
+            if !present.contains(&d.name) {
+                out.push_str(&format!(
+                    "# HELP {} {}.\n# TYPE {} {}\n",
+                    d.name, d.help, d.name, d.kind
+                ));
+            }
+        }
+        out.push_str(&process_metrics());
+        if openmetrics {
+            out.push_str("# EOF\n");
+            out
+        } else {
+            to_text_format(&out)
+        }
     }
+}
+
+/// Every family registered above with labels (so possibly without series yet), as
+/// (name without prefix, help, OpenMetrics type). A test checks it matches the registry.
+const DESCRIBED: &[(&str, &str, &str)] = &[
+    (
+        "http_requests",
+        "HTTP requests by route and status",
+        "counter",
+    ),
+    (
+        "http_request_duration_seconds",
+        "Time to the response head, by route",
+        "histogram",
+    ),
+    (
+        "cache_requests",
+        "Pull-through requests by upstream, kind and result (hit, miss, revalidated, stale, error)",
+        "counter",
+    ),
+    (
+        "cache_served_bytes",
+        "Blob bytes announced to clients, from disk or streamed from the upstream",
+        "counter",
+    ),
+    (
+        "cache_coalesced_requests",
+        "Requests that joined an upstream fetch already in flight",
+        "counter",
+    ),
+    (
+        "upstream_up",
+        "1 while the upstream's circuit breaker is closed, 0 while open or probing",
+        "gauge",
+    ),
+    (
+        "upstream_ratelimit_remaining",
+        "Last ratelimit-remaining the upstream announced (Docker Hub)",
+        "gauge",
+    ),
+    (
+        "auth_decisions",
+        "Authentication and authorization outcomes",
+        "counter",
+    ),
+    (
+        "mirror_runs",
+        "Mirror job runs by job and result",
+        "counter",
+    ),
+    (
+        "mirror_running",
+        "Mirror jobs running now (1) or not (0)",
+        "gauge",
+    ),
+    (
+        "mirror_last_success_timestamp_seconds",
+        "When the job's last successful run ended (Unix seconds)",
+        "gauge",
+    ),
+    (
+        "mirror_last_run_duration_seconds",
+        "How long the job's last run took",
+        "gauge",
+    ),
+    (
+        "mirror_fetched_bytes",
+        "Blob bytes mirror jobs fetched from their upstream",
+        "counter",
+    ),
+    (
+        "mirror_tags_changed",
+        "Tags a mirror job added or moved",
+        "counter",
+    ),
+    (
+        "mirror_tags_failed",
+        "Selected tags a mirror run could not mirror",
+        "counter",
+    ),
+];
+
+/// OpenMetrics text as the Prometheus text format 0.0.4: a counter family is named with
+/// its `_total` suffix, `_created` samples, `# UNIT` and `# EOF` lines go.
+fn to_text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str(&format!("{kind}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => {
+                let name = line.split(['{', ' ']).next().unwrap_or("");
+                if name.ends_with("_created") {
+                    continue;
+                }
+                out.push_str(line);
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The process metrics Prometheus client libraries export, read from `/proc/self` at
+/// scrape time (Linux), as OpenMetrics lines. What cannot be read is left out.
+fn process_metrics() -> String {
+    let mut out = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, sample: &str, value: f64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}.\n# TYPE {name} {kind}\n{sample} {value}\n"
+        ));
+    };
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 (state) on.
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        let cpu = (utime + stime) / ticks;
+        put(
+            "process_cpu_seconds",
+            "counter",
+            "Total user and system CPU time spent in seconds",
+            "process_cpu_seconds_total",
+            cpu,
+        );
+    }
+    if let Some(vsize) = field(23) {
+        put(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes",
+            "process_virtual_memory_bytes",
+            vsize,
+        );
+    }
+    if let Some(rss) = field(24) {
+        let page = rustix::param::page_size() as f64;
+        put(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes",
+            "process_resident_memory_bytes",
+            rss * page,
+        );
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines().find_map(|l| {
+            l.strip_prefix("btime ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+    });
+    if let (Some(start), Some(boot)) = (field(22), boot) {
+        put(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds",
+            "process_start_time_seconds",
+            boot + start / ticks,
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        put(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors",
+            "process_open_fds",
+            dir.count() as f64,
+        );
+    }
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<f64>().ok())
+        });
+    if let Some(max) = max_fds {
+        put(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors",
+            "process_max_fds",
+            max,
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -289,11 +559,60 @@ mod tests {
             })
             .inc();
         m.cache_result("docker.io", "manifest", "stale");
-        let text = m.encode();
+        let text = m.encode(true);
         assert!(text.contains("outpost_http_requests_total{route=\"get_blob\",status=\"200\"} 1"));
         assert!(text.contains(
             "outpost_cache_requests_total{upstream=\"docker.io\",kind=\"manifest\",result=\"stale\"} 1"
         ));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// Regression: families with labels appeared only once they had a series, counters
+    /// were typed without their `_total` sample name in the text format, and there were
+    /// no build or process metrics. Every family is listed from start-up, in both formats.
+    #[test]
+    fn every_family_is_listed_from_start_up_in_the_prometheus_text_format() {
+        let m = Metrics::new();
+        let text = m.encode(false);
+        for (name, _, kind) in DESCRIBED {
+            let name = match *kind {
+                "counter" => format!("outpost_{name}_total"),
+                _ => format!("outpost_{name}"),
+            };
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}:\n{text}");
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name}:\n{text}"
+            );
+        }
+        assert!(text.contains("outpost_build_info{version=\""), "{text}");
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.contains(&format!("\n{name} ")), "{name}:\n{text}");
+        }
+        assert!(
+            !text.contains("# EOF") && !text.contains("_created"),
+            "{text}"
+        );
+        // Every TYPE line's family has a HELP line.
+        for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = line.split(' ').next().unwrap_or_default();
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP"
+            );
+        }
+        // The listed families are exactly the registered ones.
+        let om = m.encode(true);
+        let registered = om
+            .lines()
+            .filter(|l| l.starts_with("# TYPE outpost_"))
+            .count();
+        assert_eq!(registered, DESCRIBED.len() + 4, "{om}");
     }
 }

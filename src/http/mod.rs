@@ -358,7 +358,12 @@ async fn dispatch(
             "{\"status\":\"not ready\",\"reason\":\"storage is full or failing: writes cannot succeed\"}",
         ),
         Route::Ready => ok_json("{\"status\":\"ready\"}"),
-        Route::Metrics => metrics(state),
+        Route::Metrics => metrics(
+            state,
+            req.headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok()),
+        ),
         Route::Token { scopes } => token(state, ctx, &scopes).await,
         Route::Catalog(page) => registry::catalog(state, ctx, &page).await,
         Route::GetManifest {
@@ -404,15 +409,20 @@ async fn dispatch(
     }
 }
 
-fn metrics(state: &State) -> Result<Response<Body>, ApiError> {
+/// `/metrics`: the Prometheus text format, or OpenMetrics when the client's `Accept`
+/// asks for it.
+fn metrics(state: &State, accept: Option<&str>) -> Result<Response<Body>, ApiError> {
     state.cache.export_health(&state.metrics);
+    let openmetrics = accept.is_some_and(|a| a.contains("application/openmetrics-text"));
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
     Response::builder()
         .status(StatusCode::OK)
-        .header(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )
-        .body(body::full(state.metrics.encode()))
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body::full(state.metrics.encode(openmetrics)))
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 

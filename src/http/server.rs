@@ -163,7 +163,28 @@ struct Limits {
     open: Arc<AtomicUsize>,
     refused: AtomicU64,
     /// When a refusal was last logged.
-    logged: std::sync::Mutex<Option<Instant>>,
+    logged: RateLimit,
+    /// When an accept error was last logged (apart, so one cannot hide the other).
+    accept_logged: RateLimit,
+}
+
+/// At most one log line per [`LOG_EVERY`].
+#[derive(Default)]
+struct RateLimit(std::sync::Mutex<Option<Instant>>);
+
+impl RateLimit {
+    /// Whether a line may be written now.
+    fn due(&self) -> bool {
+        let Ok(mut last) = self.0.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if last.is_some_and(|l| now.duration_since(l) < LOG_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
 }
 
 /// One open connection's place under the limit.
@@ -184,7 +205,8 @@ impl Limits {
             max,
             open: Arc::default(),
             refused: AtomicU64::new(0),
-            logged: std::sync::Mutex::new(None),
+            logged: RateLimit::default(),
+            accept_logged: RateLimit::default(),
         }
     }
 
@@ -193,7 +215,7 @@ impl Limits {
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
             self.open.fetch_sub(1, Ordering::Relaxed);
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            if self.due() {
+            if self.logged.due() {
                 tracing::warn!(
                     limit = self.max,
                     refused_total = refused,
@@ -203,19 +225,6 @@ impl Limits {
             return None;
         }
         Some(Slot(self.open.clone()))
-    }
-
-    /// Whether a rate-limited log line may be written now.
-    fn due(&self) -> bool {
-        let Ok(mut last) = self.logged.lock() else {
-            return false;
-        };
-        let now = Instant::now();
-        if last.is_some_and(|l| now.duration_since(l) < LOG_EVERY) {
-            return false;
-        }
-        *last = Some(now);
-        true
     }
 }
 
@@ -243,7 +252,7 @@ async fn accept_loop(
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning and flooding the log.
-                if limits.due() {
+                if limits.accept_logged.due() {
                     tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "accept failed");
                 }
                 tokio::select! {

@@ -953,7 +953,7 @@ mod tests {
     }
 
     fn counted(metrics: &Metrics, kind: &str, result: &str) -> bool {
-        metrics.encode().contains(&format!(
+        metrics.encode(true).contains(&format!(
             "outpost_cache_requests_total{{upstream=\"up.example\",kind=\"{kind}\",result=\"{result}\"}} 1"
         ))
     }
