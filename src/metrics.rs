@@ -148,7 +148,7 @@ impl Metrics {
         let upstream_up = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
             "upstream_up",
-            "1 while the upstream's circuit breaker is closed, 0 while open or probing",
+            "1 while the upstream answers (the last request or probe got a response, it is not hung) and its circuit breaker is closed; 0 otherwise",
             upstream_up.clone(),
         );
         let ratelimit_remaining = Family::<UpstreamLabels, Gauge>::default();
@@ -366,7 +366,7 @@ const DESCRIBED: &[(&str, &str, &str)] = &[
     ),
     (
         "upstream_up",
-        "1 while the upstream's circuit breaker is closed, 0 while open or probing",
+        "1 while the upstream answers (the last request or probe got a response, it is not hung) and its circuit breaker is closed; 0 otherwise",
         "gauge",
     ),
     (

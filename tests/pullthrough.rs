@@ -800,3 +800,54 @@ async fn a_hung_upstream_is_waited_for_once_not_for_every_tag() {
         "revalidated against the upstream once it answers"
     );
 }
+
+const UP: &str = "outpost_upstream_up{upstream=\"docker.io\"}";
+
+/// Regression: `outpost_upstream_up` followed only the circuit breaker, so an upstream
+/// that refused every connection showed 1 until the breaker opened. It follows whether
+/// the upstream answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_up_follows_reachability_not_only_the_breaker() {
+    let dir = tmp();
+    let fake = FakeUpstream::start();
+    fake.add_image("library/up", "1", 61, &[1000]);
+    fake.add_image("library/up", "2", 62, &[1000]);
+    let server = outpost_for(
+        dir.path(),
+        &fake.url(),
+        "breaker_threshold = 100\nconnect_timeout = \"1s\"",
+        "",
+    );
+    assert_eq!(
+        metric(&server, UP, &[]).await,
+        1.0,
+        "nothing known yet: the breaker is closed"
+    );
+    assert_eq!(
+        get(&server, "/v2/docker.io/library/up/manifests/1")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(metric(&server, UP, &[]).await, 1.0);
+    fake.set_down(true);
+    assert_eq!(
+        get(&server, "/v2/docker.io/library/up/manifests/2")
+            .await
+            .status(),
+        503
+    );
+    assert_eq!(
+        metric(&server, UP, &[]).await,
+        0.0,
+        "unreachable, though the breaker is closed"
+    );
+    fake.set_down(false);
+    assert_eq!(
+        get(&server, "/v2/docker.io/library/up/manifests/2")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(metric(&server, UP, &[]).await, 1.0);
+}

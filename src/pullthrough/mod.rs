@@ -173,6 +173,10 @@ pub struct PullThrough {
 
 /// Every manifest media type, index types first: what we ask upstreams for on behalf of
 /// clients that accept indexes.
+/// An upstream nobody has asked anything for this long is probed (`GET /v2/`) at the
+/// next upkeep, so its `outpost_upstream_up` stays true to life.
+const PROBE_AFTER: Duration = Duration::from_secs(60);
+
 pub(crate) const ACCEPT_ANY: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
     application/vnd.oci.image.manifest.v1+json, \
@@ -589,7 +593,11 @@ impl PullThrough {
                 upstream: u.name().to_owned(),
             };
             let health = u.client().health();
-            let up = i64::from(health.breaker == BreakerState::Closed);
+            let up = i64::from(
+                health.breaker == BreakerState::Closed
+                    && health.reachable != Some(false)
+                    && !u.client().is_slow(),
+            );
             metrics.upstream_up.get_or_create(&label).set(up);
             if let Some(remaining) = health.rate_limit_remaining {
                 let remaining = i64::try_from(remaining).unwrap_or(i64::MAX);
@@ -601,9 +609,23 @@ impl PullThrough {
         }
     }
 
-    /// Background upkeep until `shutdown`: flushes blob access times, and with a size
-    /// budget evicts least-recently-used upstream content after downloads and at least
-    /// every `interval`.
+    /// Probes each upstream nobody asked anything for [`PROBE_AFTER`], so that
+    /// `outpost_upstream_up` says whether it is reachable now, not when it last was.
+    async fn probe_idle_upstreams(&self) {
+        for u in self.upstreams.iter() {
+            let client = u.client();
+            if client
+                .idle_secs()
+                .is_none_or(|idle| idle >= PROBE_AFTER.as_secs())
+            {
+                client.probe().await;
+            }
+        }
+    }
+
+    /// Background upkeep until `shutdown`: flushes blob access times, probes idle
+    /// upstreams, and with a size budget evicts least-recently-used upstream content
+    /// after downloads and at least every `interval`.
     pub async fn maintain(
         &self,
         budget: Option<u64>,
@@ -622,6 +644,7 @@ impl PullThrough {
             if stopping {
                 return;
             }
+            self.probe_idle_upstreams().await;
             if let Some(budget) = budget {
                 match self.store.evict(budget).await {
                     Ok(r) if r.evicted_blobs > 0 => {

@@ -196,6 +196,8 @@ pub struct UpstreamHealth {
     pub breaker: BreakerState,
     /// The last `ratelimit-remaining` seen (Docker Hub), if any.
     pub rate_limit_remaining: Option<u64>,
+    /// Whether the last attempt to reach it got an answer; `None` before the first.
+    pub reachable: Option<bool>,
 }
 
 /// A client for one configured upstream. Cheap to clone.
@@ -237,6 +239,14 @@ struct Inner {
     /// A revalidation waited in vain (the upstream accepted, then said nothing): until it
     /// answers again, callers serve what they have at once instead of waiting.
     slow: AtomicBool,
+    /// The order of the last answer (any status) and of the last failure to get one
+    /// (connect error, timeout), from `contacts`; 0 for never. The later one says
+    /// whether it is reachable.
+    last_answer: AtomicU64,
+    last_failure: AtomicU64,
+    contacts: AtomicU64,
+    /// Unix seconds of the last contact, answered or not (0: never).
+    last_contact: AtomicU64,
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (every critical
@@ -295,6 +305,10 @@ impl Upstream {
                 )),
                 rate_limit_remaining: AtomicU64::new(NO_RATE_LIMIT),
                 slow: AtomicBool::new(false),
+                last_answer: AtomicU64::new(0),
+                last_failure: AtomicU64::new(0),
+                contacts: AtomicU64::new(0),
+                last_contact: AtomicU64::new(0),
             }),
         })
     }
@@ -506,14 +520,42 @@ impl Upstream {
         self.inner.slow.load(Ordering::Relaxed)
     }
 
-    /// Breaker state and the last `ratelimit-remaining` seen.
+    /// Breaker state, reachability and the last `ratelimit-remaining` seen.
     pub fn health(&self) -> UpstreamHealth {
         let remaining = self.inner.rate_limit_remaining.load(Ordering::Relaxed);
+        let answer = self.inner.last_answer.load(Ordering::Relaxed);
+        let failure = self.inner.last_failure.load(Ordering::Relaxed);
         UpstreamHealth {
             breaker: lock(&self.inner.breaker).state(Instant::now()),
             rate_limit_remaining: (remaining != NO_RATE_LIMIT).then_some(remaining),
+            reachable: (answer != 0 || failure != 0).then_some(answer > failure),
         }
     }
+
+    /// Seconds since the upstream was last asked anything (answered or not); `None` if
+    /// never.
+    pub fn idle_secs(&self) -> Option<u64> {
+        let last = self.inner.last_contact.load(Ordering::Relaxed);
+        (last != 0).then(|| unix_now().saturating_sub(last))
+    }
+
+    /// Asks `GET /v2/` without credentials, only to learn whether the upstream answers
+    /// (any status counts): keeps `outpost_upstream_up` true to life while no client
+    /// asks. Bypasses the breaker, which judges real requests.
+    pub async fn probe(&self) {
+        let inner = &self.inner;
+        let url = format!("{}/v2/", inner.base);
+        let timeout = inner.connect_timeout + inner.read_timeout;
+        let answered = inner.client.get(url).timeout(timeout).send().await.is_ok();
+        inner.contact(answered);
+    }
+}
+
+/// The current Unix time in seconds.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn read_credentials(config: &UpstreamConfig) -> Result<Option<Credentials>, String> {
@@ -593,6 +635,26 @@ impl Inner {
         format!("{}/v2/{repo}/{tail}", self.base)
     }
 
+    /// Records whether a call reached the upstream: an answer of any status, or a
+    /// failure to get one (refused, reset, timed out).
+    fn note_reach<T>(&self, answered: bool, result: &Result<T, UpstreamError>) {
+        if answered || matches!(result, Err(UpstreamError::Unavailable(_))) {
+            self.contact(answered);
+        }
+    }
+
+    /// Records one contact with the upstream, answered or not.
+    fn contact(&self, answered: bool) {
+        let order = self.contacts.fetch_add(1, Ordering::Relaxed) + 1;
+        let last = if answered {
+            &self.last_answer
+        } else {
+            &self.last_failure
+        };
+        last.store(order, Ordering::Relaxed);
+        self.last_contact.store(unix_now(), Ordering::Relaxed);
+    }
+
     /// The breaker's permission for one call.
     fn admit(&self) -> Result<Permit<'_>, UpstreamError> {
         match lock(&self.breaker).admit(Instant::now()) {
@@ -660,6 +722,7 @@ impl Inner {
             // The upstream answered: whatever it said, it is not hung.
             self.slow.store(false, Ordering::Relaxed);
         }
+        self.note_reach(status.is_some(), &result);
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok(_) | Err(UpstreamError::NotFound | UpstreamError::Denied) => tracing::debug!(

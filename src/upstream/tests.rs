@@ -947,3 +947,32 @@ fn new_reports_unusable_files() {
         ("test.io", "https://registry.example")
     );
 }
+
+/// Reachability: unknown before anything was asked; a probe that gets any answer (here
+/// a 401) marks it reachable, one that cannot connect marks it unreachable, and the
+/// next answer marks it reachable again.
+#[tokio::test]
+async fn reachability_follows_the_last_answer_or_failure() {
+    let server = TestServer::start(|_s: Seen| async move { respond(401, &[], "") }).await;
+    let up = Upstream::new(&config(&server.url())).expect("upstream");
+    assert_eq!(up.health().reachable, None);
+    assert_eq!(up.idle_secs(), None);
+    up.probe().await;
+    assert_eq!(up.health().reachable, Some(true));
+    assert!(up.idle_secs().is_some());
+
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let gone = Upstream::new(&config(&format!("http://127.0.0.1:{closed}"))).expect("upstream");
+    gone.probe().await;
+    assert_eq!(gone.health().reachable, Some(false));
+    let err = gone
+        .manifest(&repo("a/b"), &"v1".parse().expect("ref"), "*/*", true)
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(err, UpstreamError::Unavailable(_)), "{err}");
+    assert_eq!(gone.health().reachable, Some(false));
+    server.stop().await;
+}
