@@ -75,15 +75,20 @@ fn prepare_reload(path: &Path) -> anyhow::Result<(Config, Vec<ed25519_dalek::Ver
     if !unbuilt.is_empty() {
         return Err(crate::config::ConfigErrors(unbuilt).into());
     }
-    let issuers = config
+    let issuers = load_issuers(&config)?;
+    Ok((config, issuers))
+}
+
+/// The public keys of `auth.issuer_keys`, each failure naming its file.
+fn load_issuers(config: &Config) -> anyhow::Result<Vec<ed25519_dalek::VerifyingKey>> {
+    config
         .auth
         .issuer_keys
         .iter()
         .map(|p| {
             load_verifying_key(p).with_context(|| format!("loading issuer key {}", p.display()))
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok((config, issuers))
+        .collect()
 }
 
 /// Reads `N` random bytes kept as hex in `path`, creating them (mode 0600) on first
@@ -231,14 +236,7 @@ impl Daemon {
         })
         .await
         .context("loading revocations")??;
-        let issuers = config
-            .auth
-            .issuer_keys
-            .iter()
-            .map(|p| {
-                load_verifying_key(p).with_context(|| format!("loading issuer key {}", p.display()))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let issuers = load_issuers(&config)?;
         let auth = Authenticator::new(
             AuthSettings {
                 issuers,

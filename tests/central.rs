@@ -533,14 +533,11 @@ async fn token_auth_decisions_are_per_user_and_survive_restart_offline() {
     );
 }
 
-/// Without credentials of its own, Outpost learns on pull-through which repositories the
-/// central registry serves anonymously, so anonymous pulls of them keep working offline;
-/// a repository never seen is refused offline.
-#[tokio::test(flavor = "multi_thread")]
-async fn anonymously_served_repositories_are_learned_and_work_offline() {
-    let dir = tmp();
-    let mut central = UpstreamRegistry::start(
-        &dir.path().join("central"),
+/// A token-auth central registry that serves anyone pull, holding `public/app:v1` and
+/// `public/other:v1` (images of seeds `n` and `n + 1`).
+fn public_central(dir: &Path, n: u64) -> UpstreamRegistry {
+    let central = UpstreamRegistry::start(
+        &dir.join("central"),
         UpstreamOptions {
             token_auth: true,
             token_user: (ROBOT.0.to_owned(), ROBOT.1.to_owned()),
@@ -548,8 +545,18 @@ async fn anonymously_served_repositories_are_learned_and_work_offline() {
             ..UpstreamOptions::default()
         },
     );
-    seed(&central, dir.path(), "public/app", "v1", 5);
-    seed(&central, dir.path(), "public/other", "v1", 6);
+    seed(&central, dir, "public/app", "v1", n);
+    seed(&central, dir, "public/other", "v1", n + 1);
+    central
+}
+
+/// Without credentials of its own, Outpost learns on pull-through which repositories the
+/// central registry serves anonymously, so anonymous pulls of them keep working offline;
+/// a repository never seen is refused offline.
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymously_served_repositories_are_learned_and_work_offline() {
+    let dir = tmp();
+    let mut central = public_central(dir.path(), 5);
     let server = outpost(
         dir.path(),
         &central,
@@ -573,17 +580,7 @@ async fn anonymously_served_repositories_are_learned_and_work_offline() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mirror_run_learns_which_mirrored_repositories_are_anonymous() {
     let dir = tmp();
-    let mut central = UpstreamRegistry::start(
-        &dir.path().join("central"),
-        UpstreamOptions {
-            token_auth: true,
-            token_user: (ROBOT.0.to_owned(), ROBOT.1.to_owned()),
-            anonymous_pull: true,
-            ..UpstreamOptions::default()
-        },
-    );
-    seed(&central, dir.path(), "public/app", "v1", 7);
-    seed(&central, dir.path(), "public/other", "v1", 8);
+    let mut central = public_central(dir.path(), 7);
     let server = outpost(
         dir.path(),
         &central,

@@ -11,24 +11,15 @@ use std::time::Duration;
 
 use common::*;
 
-/// Starts a daemon whose `[server]` section gets `server_extra`.
-fn start(dir: &std::path::Path, issuer: &Issuer, server_extra: &str) -> Server {
-    let config = dir.join("outpost.toml");
-    Server::start_written(
-        |port| {
-            std::fs::write(
-                &config,
-                format!(
-                    "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\n{server_extra}\n\
-                     [storage]\npath = {:?}\n[auth]\nissuer_keys = [{:?}]\n",
-                    dir.join("data"),
-                    issuer.public()
-                ),
-            )
-            .expect("write config");
-            config.clone()
+/// Starts a daemon whose `[server]` section gets `server`.
+fn start(dir: &std::path::Path, issuer: &Issuer, server: &str) -> Server {
+    Server::start_sections(
+        dir,
+        issuer,
+        &Sections {
+            server,
+            ..Sections::default()
         },
-        "info",
     )
 }
 

@@ -108,22 +108,13 @@ async fn a_full_disk_answers_507_and_the_store_recovers_once_space_is_freed() {
     let data = dir.path().join("data");
     let _tmpfs = Tmpfs::mount(&data, "64m");
     let issuer = Issuer::new(&dir.path().join("keys"));
-    let config = dir.path().join("outpost.toml");
-    let server = Server::start_written(
-        |port| {
-            std::fs::write(
-                &config,
-                format!(
-                    "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\n\
-                     [storage]\npath = {data:?}\nreserve = \"4MiB\"\n\
-                     [auth]\nissuer_keys = [{:?}]\n",
-                    issuer.public()
-                ),
-            )
-            .expect("write config");
-            config.clone()
+    let server = Server::start_sections(
+        dir.path(),
+        &issuer,
+        &Sections {
+            storage: "reserve = \"4MiB\"",
+            ..Sections::default()
         },
-        "info",
     );
     let key = issuer.issue("ci", &["team/**"], "pull,push", "1h");
 

@@ -480,6 +480,49 @@ async fn referrers_and_globs_are_mirrored_and_served_offline() {
     server.stop();
 }
 
+/// A central registry whose blobs come through its CDN stand-in (where tests inject
+/// cuts), holding `repo:v1` and `repo:v2`: one-layer images of the given (seed, layer
+/// size). Returns it and the two manifests' bytes.
+fn cdn_central(
+    dir: &std::path::Path,
+    repo: &str,
+    images: [(u64, usize); 2],
+) -> (UpstreamRegistry, [Vec<u8>; 2]) {
+    let up = UpstreamRegistry::start(
+        &dir.join("central"),
+        UpstreamOptions {
+            redirect: true,
+            ..UpstreamOptions::default()
+        },
+    );
+    let mut app = Layout::new(&dir.join("app"));
+    let bodies = [("v1", images[0]), ("v2", images[1])].map(|(tag, (seed, size))| {
+        let (digest, len, body) = app.image(seed, &[size], "amd64");
+        app.tag(OCI_MANIFEST, &digest, len, tag);
+        body
+    });
+    for tag in ["v1", "v2"] {
+        up.push_layout(&app.dir, &format!("{repo}:{tag}"));
+    }
+    (up, bodies)
+}
+
+/// Config lines for the central registry at `url` (`central.corp`, anonymous pull) and
+/// one `[[mirror]]` job per (name, repository, tag, extra lines).
+fn mirror_config(url: &str, jobs: &[(&str, &str, &str, &str)]) -> String {
+    let mut text = format!(
+        "[[upstream]]\nname = \"central.corp\"\nurl = \"{url}\"\n\
+         [[access]]\nrepositories = [\"central.corp/**\"]\nanonymous = [\"pull\"]\n"
+    );
+    for (name, repo, tag, extra) in jobs {
+        text.push_str(&format!(
+            "[[mirror]]\nname = \"{name}\"\nupstream = \"central.corp\"\n\
+             repositories = [\"{repo}\"]\ntags = [\"{tag}\"]\n{extra}"
+        ));
+    }
+    text
+}
+
 /// The layer's digest and size of a one-layer image manifest.
 fn only_layer(manifest: &[u8]) -> (String, u64) {
     let m: serde_json::Value = serde_json::from_slice(manifest).expect("json");
@@ -498,33 +541,15 @@ fn only_layer(manifest: &[u8]) -> (String, u64) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cut_off_blob_is_resumed_with_range_and_verifies() {
     let dir = tmp();
-    let up = UpstreamRegistry::start(
-        &dir.path().join("central"),
-        UpstreamOptions {
-            redirect: true,
-            ..UpstreamOptions::default()
-        },
-    );
-    let mut app = Layout::new(&dir.path().join("app"));
-    let (big, big_size, big_body) = app.image(31, &[64 << 20], "amd64");
-    app.tag(OCI_MANIFEST, &big, big_size, "v1");
-    let (other, other_size, other_body) = app.image(32, &[8 << 20], "amd64");
-    app.tag(OCI_MANIFEST, &other, other_size, "v2");
-    for tag in ["v1", "v2"] {
-        up.push_layout(&app.dir, &format!("team/big:{tag}"));
-    }
+    let (up, [big_body, other_body]) =
+        cdn_central(dir.path(), "team/big", [(31, 64 << 20), (32, 8 << 20)]);
     let issuer = Issuer::new(&dir.path().join("keys"));
     let mut server = Server::start(
         dir.path(),
         &issuer,
-        &format!(
-            "[[upstream]]\nname = \"central.corp\"\nurl = \"{}\"\n\
-             [[access]]\nrepositories = [\"central.corp/**\"]\nanonymous = [\"pull\"]\n\
-             [[mirror]]\nname = \"one\"\nupstream = \"central.corp\"\n\
-             repositories = [\"team/big\"]\ntags = [\"v1\"]\n\
-             [[mirror]]\nname = \"two\"\nupstream = \"central.corp\"\n\
-             repositories = [\"team/big\"]\ntags = [\"v2\"]\n",
-            up.url()
+        &mirror_config(
+            &up.url(),
+            &[("one", "team/big", "v1", ""), ("two", "team/big", "v2", "")],
         ),
     );
     let run = |job: &str| {
@@ -612,34 +637,19 @@ async fn a_cut_off_blob_is_resumed_with_range_and_verifies() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_daemon_killed_mid_run_leaves_a_clean_store_and_the_rerun_resumes() {
     let dir = tmp();
-    let up = UpstreamRegistry::start(
-        &dir.path().join("central"),
-        UpstreamOptions {
-            redirect: true,
-            ..UpstreamOptions::default()
-        },
-    );
-    let mut app = Layout::new(&dir.path().join("app"));
-    let (small, small_size, small_body) = app.image(41, &[3000], "amd64");
-    app.tag(OCI_MANIFEST, &small, small_size, "v1");
-    let (big, big_size, big_body) = app.image(42, &[32 << 20], "amd64");
-    app.tag(OCI_MANIFEST, &big, big_size, "v2");
-    for tag in ["v1", "v2"] {
-        up.push_layout(&app.dir, &format!("team/app:{tag}"));
-    }
+    let (up, [small_body, big_body]) =
+        cdn_central(dir.path(), "team/app", [(41, 3000), (42, 32 << 20)]);
     let issuer = Issuer::new(&dir.path().join("keys"));
     // The big job is held to 4 MiB/s so that the kill lands mid-blob.
     let mut server = Server::start_process(
         dir.path(),
         &issuer,
-        &format!(
-            "[[upstream]]\nname = \"central.corp\"\nurl = \"{}\"\n\
-             [[access]]\nrepositories = [\"central.corp/**\"]\nanonymous = [\"pull\"]\n\
-             [[mirror]]\nname = \"small\"\nupstream = \"central.corp\"\n\
-             repositories = [\"team/app\"]\ntags = [\"v1\"]\n\
-             [[mirror]]\nname = \"big\"\nupstream = \"central.corp\"\n\
-             repositories = [\"team/app\"]\ntags = [\"v2\"]\nbandwidth = \"4MiB\"\n",
-            up.url()
+        &mirror_config(
+            &up.url(),
+            &[
+                ("small", "team/app", "v1", ""),
+                ("big", "team/app", "v2", "bandwidth = \"4MiB\"\n"),
+            ],
         ),
     );
     let config = server.config.clone();

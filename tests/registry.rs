@@ -824,22 +824,13 @@ fn config_granting_push_to_anonymous_is_rejected() {
 async fn upload_sessions_answer_their_owner_and_hold_to_ranges_and_limits() {
     let dir = tmp();
     let issuer = Issuer::new(&dir.path().join("keys"));
-    let config = dir.path().join("outpost.toml");
-    let server = Server::start_written(
-        |port| {
-            std::fs::write(
-                &config,
-                format!(
-                    "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\n\
-                     [storage]\npath = {:?}\nmax_upload_sessions = 2\n[auth]\nissuer_keys = [{:?}]\n",
-                    dir.path().join("data"),
-                    issuer.public()
-                ),
-            )
-            .expect("write config");
-            config.clone()
+    let server = Server::start_sections(
+        dir.path(),
+        &issuer,
+        &Sections {
+            storage: "max_upload_sessions = 2",
+            ..Sections::default()
         },
-        "info",
     );
     let key = issuer.issue("ci", &["team/**"], "pull,push", "1h");
     let other = issuer.issue("other", &["team/**"], "pull,push", "1h");

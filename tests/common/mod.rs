@@ -118,6 +118,14 @@ impl Server {
         Server::in_process(&config, Some(listener), "info")
     }
 
+    /// Like [`Server::start`], with lines of the test's own in `[server]` and `[storage]`.
+    pub fn start_sections(dir: &Path, issuer: &Issuer, sections: &Sections) -> Server {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("bound address").port();
+        let config = write_config_sections(dir, issuer, port, sections);
+        Server::in_process(&config, Some(listener), "info")
+    }
+
     /// Like [`Server::start`], but runs the real binary as a child process. The port is
     /// picked free up front and bound again by the child (a short race other processes
     /// could win, acceptable where a process is the point).
@@ -304,12 +312,50 @@ impl Drop for Server {
 
 /// Writes `dir/outpost.toml` for a daemon on `127.0.0.1:<port>`.
 fn write_config(dir: &Path, issuer: &Issuer, extra: &str, port: u16) -> PathBuf {
+    write_config_sections(
+        dir,
+        issuer,
+        port,
+        &Sections {
+            extra,
+            ..Sections::default()
+        },
+    )
+}
+
+/// Lines a test adds to the sections of the config file it starts a daemon with.
+#[derive(Default)]
+pub struct Sections<'a> {
+    /// Into `[server]` (a `body_idle_timeout` here replaces the default of 5 s).
+    pub server: &'a str,
+    /// Into `[storage]` (a `gc_grace` here replaces the default of 0 s).
+    pub storage: &'a str,
+    /// After `[auth]`: more of it, then any further sections.
+    pub extra: &'a str,
+}
+
+/// `dir/outpost.toml` listening on `port`, data in `dir/data`, trusting `issuer`, with
+/// the test's `sections`.
+fn write_config_sections(dir: &Path, issuer: &Issuer, port: u16, sections: &Sections) -> PathBuf {
     let config = dir.join("outpost.toml");
+    let idle = if sections.server.contains("body_idle_timeout") {
+        ""
+    } else {
+        "body_idle_timeout = \"5s\"\n"
+    };
+    let grace = if sections.storage.contains("gc_grace") {
+        ""
+    } else {
+        "gc_grace = \"0s\"\n"
+    };
     let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\nbody_idle_timeout = \"5s\"\n\
-         [storage]\npath = {:?}\ngc_grace = \"0s\"\n[auth]\nissuer_keys = [{:?}]\n{extra}",
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\npublic_url = \"http://127.0.0.1:{port}\"\n{idle}{}\n\
+         [storage]\npath = {:?}\n{grace}{}\n[auth]\nissuer_keys = [{:?}]\n{}",
+        sections.server,
         dir.join("data"),
-        issuer.public()
+        sections.storage,
+        issuer.public(),
+        sections.extra
     );
     std::fs::write(&config, text).expect("write config");
     config
