@@ -44,14 +44,9 @@ CUT_SECONDS=${CUT_SECONDS:-3}
 KEEP=${KEEP:-0}
 STRICT=${STRICT:-0}
 
-log() {
-    printf '[%s] %s\n' "$(date +%T)" "$*" >&2
-}
-
-die() {
-    printf 'mirror-compare: %s\n' "$*" >&2
-    exit 1
-}
+NAME=mirror-compare
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
 missing=()
 for tool in docker-registry skopeo curl python3 sha256sum awk; do
@@ -60,73 +55,6 @@ done
 if ((${#missing[@]} > 0)); then
     die "not on PATH: ${missing[*]} (Debian: apt-get install -y docker-registry skopeo curl python3)"
 fi
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/outpost-mirror-bench.XXXXXX")
-PIDS=()
-
-# shellcheck disable=SC2317 # invoked by cleanup (the EXIT trap)
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-# shellcheck disable=SC2317 # invoked by the EXIT trap
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        stop_pid "$pid"
-    done
-    if [[ $KEEP == 1 ]]; then
-        echo "mirror-compare: kept $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-if ((EPHEMERAL_LOW < 12000)); then EPHEMERAL_LOW=32768; fi
-free_port() {
-    local port
-    while :; do
-        port=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            continue
-        fi
-        echo "$port"
-        return
-    done
-}
-
-start_bg() {
-    local name=$1
-    shift
-    "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
-    BG_PID=$!
-    PIDS+=("$BG_PID")
-}
-
-wait_http() {
-    local url=$1 pid=$2 name=$3 i
-    for ((i = 0; i < 300; i++)); do
-        if curl -fso /dev/null --max-time 2 "$url"; then
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || {
-            tail -n 20 "$WORK/$name.err" >&2
-            die "$name exited during start-up"
-        }
-        sleep 0.1
-    done
-    die "$name did not answer $url within 30 s"
-}
 
 now() {
     date +%s.%N
@@ -137,14 +65,7 @@ elapsed() {
 }
 
 # ---------------------------------------------------------------------------- build
-OUTPOST_BIN=${OUTPOST_BIN:-}
-if [[ -z $OUTPOST_BIN ]]; then
-    OUTPOST_BIN="${CARGO_TARGET_DIR:-target}/release/outpost"
-    command -v cargo >/dev/null 2>&1 || die "cargo is not on PATH (or set OUTPOST_BIN)"
-    log "cargo build --release --locked (not timed)"
-    cargo build --release --locked --quiet
-fi
-[[ -x $OUTPOST_BIN ]] || die "no executable at $OUTPOST_BIN"
+build_outpost
 
 version_of() {
     "$@" 2>&1 | head -n 1 || true

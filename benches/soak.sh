@@ -26,78 +26,15 @@ KEEP=${KEEP:-0}
 STRICT=${STRICT:-0}
 HERE=$(pwd)
 
-log() {
-    printf '[%s] %s\n' "$(date +%T)" "$*" >&2
-}
-
-die() {
-    printf 'soak: %s\n' "$*" >&2
-    exit 1
-}
+NAME=soak
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
 for tool in docker-registry curl python3 sha256sum awk; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is not on PATH (Debian: apt-get install -y docker-registry curl python3)"
 done
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/outpost-soak.XXXXXX")
-PIDS=()
-
-# shellcheck disable=SC2317 # invoked by cleanup (the EXIT trap)
-stop_pid() {
-    kill -TERM "$1" 2>/dev/null || return 0
-    for _ in $(seq 100); do
-        kill -0 "$1" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
-
-# shellcheck disable=SC2317 # invoked by the EXIT trap
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        stop_pid "$pid"
-    done
-    if [[ $KEEP == 1 ]]; then
-        echo "soak: kept $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-    local port
-    while :; do
-        port=$((10000 + RANDOM % 20000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return
-        fi
-    done
-}
-
-wait_http() {
-    local url=$1 i
-    for ((i = 0; i < 300; i++)); do
-        if curl -so /dev/null --max-time 2 "$url"; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    die "$url did not answer within 30 s"
-}
-
-OUTPOST_BIN=${OUTPOST_BIN:-}
-if [[ -z $OUTPOST_BIN ]]; then
-    OUTPOST_BIN="${CARGO_TARGET_DIR:-target}/release/outpost"
-    log "cargo build --release --locked (not timed)"
-    cargo build --release --locked --quiet
-fi
-[[ -x $OUTPOST_BIN ]] || die "no executable at $OUTPOST_BIN"
-OUTPOST_BIN=$(realpath "$OUTPOST_BIN")
+build_outpost
 
 echo "== Outpost soak: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "machine:         $(nproc) CPUs, $(awk '/^MemTotal/ { printf "%.1f GiB RAM", $2 / 1048576 }' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -118,9 +55,8 @@ storage:
 http:
   addr: 127.0.0.1:$UP_PORT
 EOF
-docker-registry serve "$WORK/upstream.yml" >"$WORK/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_http "http://127.0.0.1:$UP_PORT/v2/"
+start_bg upstream docker-registry serve "$WORK/upstream.yml"
+wait_http "http://127.0.0.1:$UP_PORT/v2/" "$BG_PID" upstream
 
 push_blob() {
     local repo=$1 file=$2 digest location sep
@@ -160,9 +96,8 @@ rm -f "$WORK"/files/layer-*
 
 # ---------------------------------------------------------------------------- proxy
 PROXY_PORT=$(free_port)
-python3 "$HERE/benches/soak.py" proxy "$PROXY_PORT" "$UP_PORT" "$WORK/faults.log" &
-PIDS+=($!)
-wait_http "http://127.0.0.1:$PROXY_PORT/v2/" || true
+start_bg proxy python3 "$HERE/benches/soak.py" proxy "$PROXY_PORT" "$UP_PORT" "$WORK/faults.log"
+wait_http "http://127.0.0.1:$PROXY_PORT/v2/" "$BG_PID" proxy
 
 # ---------------------------------------------------------------------------- outpost
 OP_PORT=$(free_port)
@@ -188,11 +123,11 @@ breaker_cooldown = "2s"
 repositories = ["central.corp/**"]
 anonymous = ["pull"]
 EOF
+STARTS=0
 start_outpost() {
-    "$OUTPOST_BIN" serve --config "$WORK/outpost.toml" >>"$WORK/outpost.log" 2>&1 &
-    OP_PID=$!
-    PIDS+=("$OP_PID")
-    wait_http "http://127.0.0.1:$OP_PORT/v2/"
+    start_bg "outpost-$((++STARTS))" "$OUTPOST_BIN" serve --config "$WORK/outpost.toml"
+    OP_PID=$BG_PID
+    wait_http "http://127.0.0.1:$OP_PORT/v2/" "$OP_PID" "outpost-$STARTS"
 }
 start_outpost
 
@@ -210,7 +145,7 @@ def get(path, headers={}):
             body = r.read()
             if r.status == 200:
                 return body
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
         time.sleep(0.2)
     sys.exit(f"warming {path} failed")
