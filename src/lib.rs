@@ -33,6 +33,7 @@
 //!   point nodes at Outpost, generated from the configured upstreams (pure text).
 //! - [`app`]: the composition root and lifecycle; [`cli`]: commands behind the binary.
 //! - [`systemd`]: sd_notify (ready, reload, stop, watchdog) and journald or stderr logs.
+//! - `fuzzing` (only under `--cfg fuzzing` and in tests): entry points for `fuzz/`.
 //!
 //! # Dependency direction
 //! `oci` depends on nothing. Domain modules (`auth`, `storage`, `pullthrough`, `mirror`,
