@@ -422,6 +422,8 @@ fn metrics(state: &State, accept: Option<&str>) -> Result<Response<Body>, ApiErr
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type)
+        // The format follows Accept: a cache between scraper and daemon must know.
+        .header(header::VARY, "Accept")
         .body(body::full(state.metrics.encode(openmetrics)))
         .map_err(|e| ApiError::internal(e.to_string()))
 }
