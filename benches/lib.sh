@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Shared by benches/mirror-compare.sh and benches/soak.sh (sourced, not run): a temp dir
-# whose processes are stopped on exit, free loopback ports, waiting for a server.
+# Shared by the scripts in benches/ (sourced, not run): a temp dir whose processes are
+# stopped on exit, free loopback ports, waiting for a server, the release build, and
+# the results table.
 #
 # The sourcing script sets NAME (for messages) and KEEP (1 keeps the temp dir) first.
 # After sourcing: $WORK is the temp dir, PIDS the processes stopped on exit.
@@ -99,4 +100,45 @@ build_outpost() {
     fi
     [[ -x $OUTPOST_BIN ]] || die "no executable at $OUTPOST_BIN"
     OUTPOST_BIN=$(realpath "$OUTPOST_BIN")
+}
+
+# ratio A B: A / B as `1.23x`, or `-` when B is 0.
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2fx", a / b }'
+}
+
+# check AWK-CONDITION: sets OK to "yes", or to "NO" and counts a missed target in MISSED.
+MISSED=0
+# shellcheck disable=SC2034 # OK is read by the sourcing script's row calls
+check() {
+    if awk "BEGIN { exit !($1) }"; then
+        OK=yes
+    else
+        OK=NO
+        MISSED=$((MISSED + 1))
+    fi
+}
+
+# row CELL…: one row (six cells) of the results table; print_table prints them aligned,
+# the first as the header.
+ROWS=()
+row() {
+    ROWS+=("$(printf '%s\t%s\t%s\t%s\t%s\t%s' "$@")")
+}
+
+print_table() {
+    printf '%s\n' "${ROWS[@]}" | awk -F'\t' '
+        { for (i = 1; i <= NF; i++) { cell[NR, i] = $i; if (length($i) > w[i]) w[i] = length($i) } n = NR }
+        END {
+            for (r = 1; r <= n; r++) {
+                line = ""
+                for (i = 1; i <= 6; i++) line = line sprintf(i == 1 ? "%-*s" : " | %-*s", w[i], cell[r, i])
+                print line
+                if (r == 1) {
+                    sep = ""
+                    for (i = 1; i <= 6; i++) { d = ""; for (k = 0; k < w[i]; k++) d = d "-"; sep = sep (i == 1 ? d : "-|-" d) }
+                    print sep
+                }
+            }
+        }'
 }

@@ -44,7 +44,7 @@ CUT_SECONDS=${CUT_SECONDS:-3}
 KEEP=${KEEP:-0}
 STRICT=${STRICT:-0}
 
-NAME=mirror-compare
+NAME="mirror-compare"
 # shellcheck source=benches/lib.sh
 source benches/lib.sh
 
@@ -302,24 +302,8 @@ RESENT=$(blob_bytes_since "$m")
 MISSING=$((CAP_BYTES - ON_DISK))
 
 # ---------------------------------------------------------------------------- report
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2fx", a / b }'
-}
 mibs() {
     awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'
-}
-MISSED=0
-check() {
-    if awk "BEGIN { exit !($1) }"; then
-        OK=yes
-    else
-        OK=NO
-        MISSED=$((MISSED + 1))
-    fi
-}
-ROWS=()
-row() {
-    ROWS+=("$(printf '%s\t%s\t%s\t%s\t%s\t%s' "$@")")
 }
 per_tag() {
     awk -v n="$1" -v t="$SELECTED_TAGS" 'BEGIN { printf "%.2f", n / t }'
@@ -341,20 +325,7 @@ check "$RESENT <= $MISSING + 1048576"
 row "resume after kill -9: refetched MiB" "$(mibs "$RESENT")" "-" "-" "<= missing $(mibs "$MISSING") + 1" "$OK"
 
 echo
-printf '%s\n' "${ROWS[@]}" | awk -F'\t' '
-    { for (i = 1; i <= NF; i++) { cell[NR, i] = $i; if (length($i) > w[i]) w[i] = length($i) } n = NR }
-    END {
-        for (r = 1; r <= n; r++) {
-            line = ""
-            for (i = 1; i <= 6; i++) line = line sprintf(i == 1 ? "%-*s" : " | %-*s", w[i], cell[r, i])
-            print line
-            if (r == 1) {
-                sep = ""
-                for (i = 1; i <= 6; i++) { d = ""; for (k = 0; k < w[i]; k++) d = d "-"; sep = sep (i == 1 ? d : "-|-" d) }
-                print sep
-            }
-        }
-    }'
+print_table
 echo
 echo "ratio = outpost / skopeo sync. Upstream requests include token-free /v2/ probes and tag lists."
 echo "Bandwidth: $(mibs "$CAP_BYTES") MiB in $CAP_SECS s. Resume: $(mibs "$ON_DISK") MiB on disk at the kill."

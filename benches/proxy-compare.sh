@@ -60,14 +60,9 @@ REPO=library/bench
 TAG=latest
 ACCEPT='application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json'
 
-log() {
-    printf '[%s] %s\n' "$(date +%T)" "$*" >&2
-}
-
-die() {
-    printf 'proxy-compare: %s\n' "$*" >&2
-    exit 1
-}
+NAME="proxy-compare"
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
 missing=()
 for tool in docker-registry skopeo curl ab wrk sha256sum awk; do
@@ -79,65 +74,6 @@ fi
 if ((${#missing[@]} > 0)); then
     die "not on PATH: ${missing[*]} (Debian: apt-get install -y docker-registry skopeo apache2-utils wrk curl)"
 fi
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/outpost-bench.XXXXXX")
-PIDS=()
-
-# Stops one process we started: SIGTERM, up to 10 s, then SIGKILL.
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-# shellcheck disable=SC2317 # invoked by the EXIT trap
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        stop_pid "$pid"
-    done
-    if [[ $KEEP == 1 ]]; then
-        echo "proxy-compare: kept $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# A port no socket uses right now (the race with other processes is acceptable here),
-# below the ephemeral range so that no outgoing connection can be holding it.
-EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-if ((EPHEMERAL_LOW < 12000)); then EPHEMERAL_LOW=32768; fi
-free_port() {
-    local port
-    while :; do
-        port=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            continue
-        fi
-        if command -v ss >/dev/null 2>&1 && [[ -n $(ss -Htan "( sport = :$port )") ]]; then
-            continue
-        fi
-        echo "$port"
-        return
-    done
-}
-
-# start_bg NAME CMD…: runs CMD with stdout in $WORK/NAME.out and stderr in NAME.err;
-# the pid is in $BG_PID and in PIDS (stopped on exit).
-start_bg() {
-    local name=$1
-    shift
-    "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
-    BG_PID=$!
-    PIDS+=("$BG_PID")
-}
 
 forget_pid() {
     local pid=$1 kept=() p
@@ -159,23 +95,6 @@ run_waiting() {
     wait "$pid" || status=$?
     forget_pid "$pid"
     return "$status"
-}
-
-# wait_http URL PID NAME: until URL answers 200, at most 30 s, failing early if PID died.
-wait_http() {
-    local url=$1 pid=$2 name=$3 i
-    for ((i = 0; i < 300; i++)); do
-        if curl -fso /dev/null --max-time 2 "$url"; then
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || {
-            tail -n 20 "$WORK/$name.err" >&2
-            die "$name exited during start-up"
-        }
-        sleep 0.1
-    done
-    tail -n 20 "$WORK/$name.err" >&2
-    die "$name did not answer $url within 30 s"
 }
 
 # proc_kib PID FIELD: VmRSS or VmHWM in KiB.
@@ -206,14 +125,7 @@ mib() {
 }
 
 # ---------------------------------------------------------------------------- build
-OUTPOST_BIN=${OUTPOST_BIN:-}
-if [[ -z $OUTPOST_BIN ]]; then
-    OUTPOST_BIN="${CARGO_TARGET_DIR:-target}/release/outpost"
-    command -v cargo >/dev/null 2>&1 || die "cargo is not on PATH (or set OUTPOST_BIN)"
-    log "cargo build --release --locked (not timed)"
-    cargo build --release --locked --quiet
-fi
-[[ -x $OUTPOST_BIN ]] || die "no executable at $OUTPOST_BIN"
+build_outpost
 
 NGINX_BIN=
 if [[ $NGINX != off ]]; then
@@ -665,24 +577,7 @@ DP_CO=$CO_UP DP_CO_SECS=$CO_SECS
 stop_proxies
 
 # ---------------------------------------------------------------------------- report
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2fx", a / b }'
-}
-MISSED=0
-# check AWK-CONDITION: sets OK to "yes", or to "NO" and counts a missed target.
-check() {
-    if awk "BEGIN { exit !($1) }"; then
-        OK=yes
-    else
-        OK=NO
-        MISSED=$((MISSED + 1))
-    fi
-}
 
-ROWS=()
-row() {
-    ROWS+=("$(printf '%s\t%s\t%s\t%s\t%s\t%s' "$@")")
-}
 row "metric" "outpost" "distribution" "ratio" "target" "met"
 check "$OP_GET >= 1.5 * $DP_GET"
 row "warm ${LAYER_MIB} MiB GET, median MB/s" "$OP_GET" "$DP_GET" "$(ratio "$OP_GET" "$DP_GET")" ">= 1.5x distribution" "$OK"
@@ -718,20 +613,7 @@ row "RSS idle after start, MiB" "$(mib "$OP_IDLE")" "$(mib "$DP_IDLE")" "$(ratio
 row "RSS peak (VmHWM), MiB" "$(mib "$OP_PEAK")" "$(mib "$DP_PEAK")" "$(ratio "$OP_PEAK" "$DP_PEAK")" "-" "-"
 
 echo
-printf '%s\n' "${ROWS[@]}" | awk -F'\t' '
-    { for (i = 1; i <= NF; i++) { cell[NR, i] = $i; if (length($i) > w[i]) w[i] = length($i) } n = NR }
-    END {
-        for (r = 1; r <= n; r++) {
-            line = ""
-            for (i = 1; i <= 6; i++) line = line sprintf(i == 1 ? "%-*s" : " | %-*s", w[i], cell[r, i])
-            print line
-            if (r == 1) {
-                sep = ""
-                for (i = 1; i <= 6; i++) { d = ""; for (k = 0; k < w[i]; k++) d = d "-"; sep = sep (i == 1 ? d : "-|-" d) }
-                print sep
-            }
-        }
-    }'
+print_table
 echo
 echo "ratio = outpost / distribution. Warm GET runs, MB/s: outpost [$(to_mbs "$op_speeds")]," \
     "distribution [$(to_mbs "$dp_speeds")]${NG_GET:+, nginx [$(to_mbs "$ng_speeds")]}."
