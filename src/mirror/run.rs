@@ -429,14 +429,17 @@ impl Mirror {
         if !complete {
             return;
         }
-        let held = match self.inner.store.mirrored_repos(&job.name).await {
-            Ok(h) => h,
+        let held = match self.inner.store.mirror_holders().await {
+            Ok(h) => h
+                .into_iter()
+                .filter(|(j, _)| *j == job.name)
+                .map(|(_, r)| r),
             Err(e) => {
                 tracing::warn!(job = %job.name, error = %e, "reading mirrored repositories failed");
                 return;
             }
         };
-        for repo in held.into_iter().filter(|r| !done.contains(r)) {
+        for repo in held.filter(|r| !done.contains(r)) {
             if let Ok(repo) = repo.parse::<RepoName>() {
                 self.release(job, &repo, Vec::new()).await;
             }
@@ -746,16 +749,15 @@ impl Mirror {
             }
             let mut next = Vec::new();
             for digest in found {
-                if record.manifests.contains(&digest.to_string()) && !next.contains(&digest) {
-                    // Stored through its tag above; still look for its own referrers.
-                    next.push(digest);
-                    continue;
-                }
                 if next.contains(&digest) {
                     continue;
                 }
-                self.store_manifest(repo, &digest, fetched).await?;
-                record.manifests.push(digest.to_string());
+                // One stored through its tag above is not fetched again; either way its
+                // own referrers are looked for next.
+                if !record.manifests.contains(&digest.to_string()) {
+                    self.store_manifest(repo, &digest, fetched).await?;
+                    record.manifests.push(digest.to_string());
+                }
                 next.push(digest);
             }
             level = next;

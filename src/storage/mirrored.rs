@@ -190,26 +190,6 @@ impl Store {
         .await
     }
 
-    /// The repositories job `job` holds mirrored tags in.
-    pub async fn mirrored_repos(&self, job: &str) -> Result<BTreeSet<String>, StorageError> {
-        let job = job.to_owned();
-        self.blocking(move |i| {
-            let txn = i.db.begin_read()?;
-            let table = txn.open_table(MIRROR_TAGS)?;
-            let mut out = BTreeSet::new();
-            for row in table.range((job.as_str(), "", "")..)? {
-                let (k, _) = row?;
-                let (j, r, _) = k.value();
-                if j != job {
-                    break;
-                }
-                out.insert(r.to_owned());
-            }
-            Ok(out)
-        })
-        .await
-    }
-
     /// Releases the tags of `repo` that job `job` mirrored and no longer selects (`keep`
     /// is its selection now). Their content is unpinned unless a tag that some job still
     /// mirrors in `repo` needs it; with `prune` the tags (and the tags that came with

@@ -754,13 +754,7 @@ async fn tags_that_leave_the_selection_are_unpinned_and_removed_only_with_prune(
             .is_none()
     );
     assert_eq!(store.evict(0).await.expect("evict").evicted_blobs, 2);
-    assert!(
-        store
-            .mirrored_repos("apps")
-            .await
-            .expect("repos")
-            .is_empty()
-    );
+    assert!(store.mirror_holders().await.expect("holders").is_empty());
 }
 
 /// A resumable download that was cut off keeps its bytes across a restart, resumes from
