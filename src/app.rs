@@ -68,13 +68,8 @@ async fn reap_uploads(store: Store, timeout: std::time::Duration, shutdown: Canc
 }
 
 /// Loads and validates the configuration at `path` for a reload, with its issuer keys.
-/// Settings not built yet are refused, as at start-up.
 fn prepare_reload(path: &Path) -> anyhow::Result<(Config, Vec<ed25519_dalek::VerifyingKey>)> {
     let config = Config::load(path)?;
-    let unbuilt = config.unbuilt();
-    if !unbuilt.is_empty() {
-        return Err(crate::config::ConfigErrors(unbuilt).into());
-    }
     let issuers = load_issuers(&config)?;
     Ok((config, issuers))
 }
@@ -216,11 +211,6 @@ impl Daemon {
 
     /// Starts serving on listeners the caller bound.
     pub async fn start_with(config: Config, listeners: Listeners) -> anyhow::Result<Daemon> {
-        let unbuilt = config.unbuilt();
-        if !unbuilt.is_empty() {
-            return Err(anyhow::Error::new(crate::config::ConfigErrors(unbuilt))
-                .context("refusing settings that would do nothing"));
-        }
         let config = Arc::new(config);
         let root = config.storage.path.clone();
         let cache = config.storage.db_cache;
@@ -342,12 +332,26 @@ impl Daemon {
             cache.clone(),
             metrics,
         );
-        let task = tokio::spawn(http::serve(state, listeners, tls.clone(), shutdown.clone()));
+        let quic = http::bind_http3(&state, &listeners, tls.as_ref())?;
+        let http3_addrs = quic
+            .iter()
+            .filter_map(|e| e.local_addr().ok())
+            .collect::<Vec<_>>();
+        let task = tokio::spawn(http::serve(
+            state,
+            listeners,
+            tls.clone(),
+            quic,
+            shutdown.clone(),
+        ));
         for a in &plain_addrs {
             tracing::info!(addr = %a, tls = false, "listening");
         }
         for a in &tls_addrs {
             tracing::info!(addr = %a, tls = true, "listening");
+        }
+        for a in &http3_addrs {
+            tracing::info!(addr = %a, protocol = "HTTP/3 (QUIC, UDP)", "listening");
         }
         log_summary(&config);
         Ok(Daemon {
@@ -528,11 +532,16 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let tls = if self.config.server.tls.as_ref().is_some_and(|t| t.http3) {
+            "TLS and HTTP/3"
+        } else {
+            "TLS"
+        };
         match (self.plain_addrs.is_empty(), self.tls_addrs.is_empty()) {
             (false, true) => format!("serving on {}", addrs(&self.plain_addrs)),
-            (true, false) => format!("serving TLS on {}", addrs(&self.tls_addrs)),
+            (true, false) => format!("serving {tls} on {}", addrs(&self.tls_addrs)),
             _ => format!(
-                "serving on {}; TLS on {}",
+                "serving on {}; {tls} on {}",
                 addrs(&self.plain_addrs),
                 addrs(&self.tls_addrs)
             ),

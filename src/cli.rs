@@ -367,22 +367,12 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     })
 }
 
-/// Refuses a configuration whose settings would do nothing (a feature not built yet).
-fn refuse_unbuilt(config: &Config, what: &str) -> anyhow::Result<()> {
-    let unbuilt = config.unbuilt();
-    if unbuilt.is_empty() {
-        return Ok(());
-    }
-    Err(anyhow::Error::new(crate::config::ConfigErrors(unbuilt)).context(what.to_owned()))
-}
-
 /// Runs mirror jobs: in this process when no daemon holds the store, else through the
 /// running daemon's admin socket (the daemon does the work).
 fn mirror_run(config: &Config, jobs: Vec<String>) -> anyhow::Result<Outcome> {
     if config.mirrors.is_empty() {
         bail!("the configuration has no [[mirror]] jobs");
     }
-    refuse_unbuilt(config, "refusing settings that would do nothing")?;
     let mut display = progress::Display::new();
     let reply = match Store::open(&config.storage.path, config.storage.db_cache) {
         Ok(store) => {
@@ -492,10 +482,6 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
         Command::Config(ConfigCommand::Default) => Ok(Outcome::ok(DEFAULT_TOML.to_owned())),
         Command::Config(ConfigCommand::Check { config }) => {
             let c = load_config(config.as_deref())?;
-            refuse_unbuilt(
-                &c,
-                "the configuration is valid, but uses settings that would do nothing",
-            )?;
             for p in &c.auth.issuer_keys {
                 crate::auth::load_verifying_key(p).map_err(|e| {
                     crate::config::ConfigErrors(vec![format!("issuer key {}: {e:#}", p.display())])

@@ -207,21 +207,6 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.storage.path.join("token.secret"))
     }
-
-    /// Settings this file uses that are validated but whose feature is not built yet, each
-    /// as a message naming the key. `serve` and `config check` refuse such a file: a
-    /// setting that is accepted must work.
-    pub fn unbuilt(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.server.tls.as_ref().is_some_and(|t| t.http3) {
-            out.push(
-                "server.tls.http3 = true: HTTP/3 is not built yet; remove the key or set it \
-                 to false"
-                    .to_owned(),
-            );
-        }
-        out
-    }
 }
 
 /// Collects every validation error while building a [`Config`].
@@ -810,8 +795,6 @@ anonymous = ["push"]
                 .map(String::from)
                 .collect::<Vec<_>>()
         );
-        // Every mirror key is built: none is refused.
-        assert!(c.unbuilt().is_empty(), "{:?}", c.unbuilt());
     }
 
     /// Regression: `config check` accepted `schedule = "every now and then"`.
@@ -843,21 +826,6 @@ anonymous = ["push"]
         ] {
             assert!(e.contains(needle), "{needle:?} missing in:\n{e}");
         }
-    }
-
-    #[test]
-    fn http3_is_refused_until_built() {
-        let c = Config::from_toml(&format!(
-            "{BASE}[server.tls]\nlisten=[\"127.0.0.1:0\"]\ncert=\"c.pem\"\nkey=\"k.pem\"\nhttp3=true\n"
-        ))
-        .expect("valid");
-        assert!(c.unbuilt()[0].contains("server.tls.http3"));
-        assert!(
-            Config::embedded_default()
-                .expect("default")
-                .unbuilt()
-                .is_empty()
-        );
     }
 
     /// Regression (issue 11): `key revoke`, `gc` and `fsck` run from another directory

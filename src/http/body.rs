@@ -9,15 +9,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 
 use super::zerocopy::FileQueue;
 use crate::storage::FileRange;
 
 /// The response body type of every handler.
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// A request body, whatever carried it: hyper's connection for HTTP/1.1 and HTTP/2, a
+/// QUIC stream for HTTP/3.
+pub type RequestBody = BoxBody<Bytes, io::Error>;
 
 /// A request body as a stream of chunks, ready for the store.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
@@ -38,7 +42,7 @@ pub fn empty() -> Body {
 
 /// Streams `incoming`, failing if the client stalls longer than `idle` between chunks or
 /// sends more than `limit` bytes.
-pub fn request_stream(incoming: Incoming, idle: Duration, limit: Option<u64>) -> ByteStream {
+pub fn request_stream(incoming: RequestBody, idle: Duration, limit: Option<u64>) -> ByteStream {
     let state = (incoming, 0u64);
     Box::pin(futures_util::stream::unfold(
         Some(state),
@@ -54,7 +58,7 @@ pub fn request_stream(incoming: Incoming, idle: Duration, limit: Option<u64>) ->
                         return Some((Err(e), None));
                     }
                     Ok(None) => return None,
-                    Ok(Some(Err(e))) => return Some((Err(io::Error::other(e)), None)),
+                    Ok(Some(Err(e))) => return Some((Err(e), None)),
                     Ok(Some(Ok(frame))) => frame,
                 };
                 let Ok(data) = frame.into_data() else {
@@ -74,7 +78,7 @@ pub fn request_stream(incoming: Incoming, idle: Duration, limit: Option<u64>) ->
 
 /// Reads a whole request body of at most `limit` bytes. `Ok(None)` if it is larger.
 pub async fn read_limited(
-    incoming: Incoming,
+    incoming: RequestBody,
     idle: Duration,
     limit: usize,
 ) -> io::Result<Option<Bytes>> {

@@ -12,6 +12,7 @@
 mod body;
 mod deadline;
 mod error;
+mod http3;
 mod proxy;
 mod registry;
 pub mod route;
@@ -26,7 +27,6 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tracing::Instrument;
 
 use crate::auth::{Access, Principal};
@@ -39,11 +39,12 @@ use crate::storage::Store;
 use crate::upstream::{Namespace, NamespaceError, UpstreamHandle};
 pub use body::Body;
 use body::FileSender;
+use body::RequestBody;
 use error::ApiError;
 #[cfg(any(fuzzing, test))]
 pub(crate) use registry::parse_range;
 use route::Route;
-pub use server::{Listeners, serve};
+pub use server::{Listeners, bind_http3, serve};
 pub use tls::TlsSettings;
 
 /// Everything a handler can reach; cheap to clone.
@@ -100,7 +101,7 @@ pub struct Ctx {
 }
 
 /// The request pipeline. Never fails: every error becomes an OCI error response.
-pub async fn handle(state: State, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(state: State, req: Request<RequestBody>, peer: SocketAddr) -> Response<Body> {
     let started = Instant::now();
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let method = req.method().clone();
@@ -237,7 +238,7 @@ fn error_response(e: ApiError) -> Response<Body> {
 
 async fn authenticate(
     state: &State,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
     peer: SocketAddr,
 ) -> Result<Principal, ApiError> {
     let header = req.headers().get(header::AUTHORIZATION);
@@ -301,7 +302,7 @@ async fn dispatch_upstream(
     upstream: &UpstreamHandle,
     remote: &crate::oci::RepoName,
     route: Route,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     let header_str = |name| {
         let values: Vec<&str> = req
@@ -348,7 +349,7 @@ async fn dispatch(
     state: &State,
     ctx: &Ctx,
     route: Route,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     match route {
         Route::Base => ok_json("{}"),

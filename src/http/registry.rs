@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
-use hyper::body::Incoming;
 
-use super::body::{self, Body, FileSender, RangeStream};
+use super::body::{self, Body, FileSender, RangeStream, RequestBody};
 use super::error::ApiError;
 use super::route::Page;
 use super::{Ctx, State};
@@ -106,7 +105,7 @@ pub async fn put_manifest(
     ctx: &Ctx,
     repo: &RepoName,
     reference: &Reference,
-    req: http::Request<Incoming>,
+    req: http::Request<RequestBody>,
 ) -> Result<Response<Body>> {
     let content_type = req
         .headers()
@@ -291,7 +290,7 @@ pub async fn delete_blob(
 /// The chunk range of an upload request's `Content-Range` (`<start>-<end>`, with an
 /// optional `bytes ` prefix and `/<total>` suffix). With a `Content-Length` the two must
 /// agree; without one (a chunked body) the body is held to the range's length.
-fn chunk_range(req: &http::Request<Incoming>) -> Result<Option<ChunkRange>> {
+fn chunk_range(req: &http::Request<RequestBody>) -> Result<Option<ChunkRange>> {
     let Some(v) = req.headers().get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
@@ -341,7 +340,7 @@ pub async fn start_upload(
     repo: &RepoName,
     digest: Option<&Digest>,
     mount: Option<&(Digest, Option<RepoName>)>,
-    req: http::Request<Incoming>,
+    req: http::Request<RequestBody>,
 ) -> Result<Response<Body>> {
     if let Some((d, Some(from))) = mount {
         // Mount only with read access to the source; otherwise fall back to an upload.
@@ -385,7 +384,7 @@ pub async fn patch_upload(
     ctx: &Ctx,
     repo: &RepoName,
     id: &str,
-    req: http::Request<Incoming>,
+    req: http::Request<RequestBody>,
 ) -> Result<Response<Body>> {
     let range = chunk_range(&req)?;
     let stream = body::request_stream(req.into_body(), state.config.server.body_idle_timeout, None);
@@ -405,7 +404,7 @@ pub async fn finish_upload(
     repo: &RepoName,
     id: &str,
     digest: &Digest,
-    req: http::Request<Incoming>,
+    req: http::Request<RequestBody>,
 ) -> Result<Response<Body>> {
     let range = chunk_range(&req)?;
     let stream = body::request_stream(req.into_body(), state.config.server.body_idle_timeout, None);

@@ -1,13 +1,17 @@
-//! Listeners and connection serving: plain HTTP/1.1 + h2c, and TLS with ALPN. Timeouts
-//! (first byte, TLS handshake, headers, write progress), size limits and the connection
-//! limit are set here; accept errors back off; graceful drain on shutdown.
+//! Listeners and connection serving: plain HTTP/1.1 + h2c, TLS with ALPN, and the HTTP/3
+//! endpoints (`http3`) beside them. Timeouts (first byte, TLS handshake, headers, write
+//! progress), size limits and the connection limit (shared by all three) are set here;
+//! accept errors back off; graceful drain on shutdown. TLS responses advertise HTTP/3
+//! (`Alt-Svc`) when it is served.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use http::header::HeaderValue;
 use http::{Request, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -17,11 +21,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::body::FileSender;
+use super::body::{FileSender, RequestBody};
 use super::deadline::WriteDeadline;
 use super::tls::TlsSettings;
 use super::zerocopy::{FileQueue, SendfileStream};
-use super::{State, handle};
+use super::{State, handle, http3};
 
 /// Sockets bound by the caller (tests bind `127.0.0.1:0`).
 pub struct Listeners {
@@ -30,7 +34,7 @@ pub struct Listeners {
 }
 
 /// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn builder(state: &State) -> auto::Builder<TokioExecutor> {
     let cfg = &state.config.server;
@@ -49,17 +53,57 @@ fn builder(state: &State) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The HTTP/3 endpoints for `listeners`' TLS ports (UDP), when `server.tls.http3` is on.
+pub fn bind_http3(
+    state: &State,
+    listeners: &Listeners,
+    tls: Option<&TlsSettings>,
+) -> std::io::Result<Vec<quinn::Endpoint>> {
+    let (Some(tls), Some(true)) = (tls, state.config.server.tls.as_ref().map(|t| t.http3)) else {
+        return Ok(Vec::new());
+    };
+    listeners
+        .tls
+        .iter()
+        .map(|l| {
+            let addr = l.local_addr()?;
+            http3::endpoint(addr, tls, &state.config.server)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("HTTP/3 on UDP {addr}: {e}")))
+        })
+        .collect()
+}
+
 /// Serves until `shutdown` is cancelled, then drains connections for at most the
-/// configured grace period.
+/// configured grace period. `quic` are the HTTP/3 endpoints ([`bind_http3`]).
 pub async fn serve(
     state: State,
     listeners: Listeners,
     tls: Option<TlsSettings>,
+    quic: Vec<quinn::Endpoint>,
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
     let tracker = TaskTracker::new();
     let limits = Arc::new(Limits::new(state.config.server.max_connections));
+    // HTTP/3 drains on its own, at the same time as the TCP connections below.
+    let http3_tasks = TaskTracker::new();
+    let mut alt_svc = std::collections::HashMap::new();
+    for endpoint in quic {
+        if let Ok(addr) = endpoint.local_addr() {
+            // Clients that learn of HTTP/3 from a TLS response try it on the same port.
+            let value = format!("h3=\":{}\"; ma=86400", addr.port());
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                alt_svc.insert(addr.port(), v);
+            }
+        }
+        http3_tasks.spawn(http3::serve(
+            state.clone(),
+            endpoint,
+            limits.clone(),
+            shutdown.clone(),
+        ));
+    }
+    http3_tasks.close();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Conn>(64);
     for l in listeners.plain {
         tracker.spawn(accept_loop(
@@ -72,9 +116,13 @@ pub async fn serve(
     }
     if let Some(tls) = tls {
         for l in listeners.tls {
+            let alt = l
+                .local_addr()
+                .ok()
+                .and_then(|a| alt_svc.get(&a.port()).cloned());
             tracker.spawn(accept_loop(
                 l,
-                Some(tls.clone()),
+                Some((tls.clone(), alt)),
                 conn_tx.clone(),
                 limits.clone(),
                 shutdown.clone(),
@@ -92,14 +140,24 @@ pub async fn serve(
         let peer = conn.peer;
         let files = FileQueue::default();
         let queue = matches!(conn.io, Io::Plain(_)).then(|| files.clone());
-        let svc = service_fn(move |mut req: Request<Incoming>| {
+        let alt_svc = conn.alt_svc;
+        let svc = service_fn(move |req: Request<Incoming>| {
             let st = st.clone();
+            let mut req =
+                req.map(|b| BodyExt::boxed(b.map_err(std::io::Error::other)) as RequestBody);
             // HTTP/2 frames may copy small payloads; only HTTP/1.x writes by reference.
             if let Some(queue) = queue.as_ref().filter(|_| req.version() <= Version::HTTP_11) {
                 req.extensions_mut()
                     .insert(FileSender::Sendfile(queue.clone()));
             }
-            async move { Ok::<_, std::convert::Infallible>(handle(st, req, peer).await) }
+            let alt_svc = alt_svc.clone();
+            async move {
+                let mut response = handle(st, req, peer).await;
+                if let Some(v) = alt_svc {
+                    response.headers_mut().insert(http::header::ALT_SVC, v);
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
         let (builder, watcher, slot) = (builder.clone(), graceful.watcher(), conn.slot);
         match conn.io {
@@ -143,6 +201,7 @@ pub async fn serve(
             "connections still open after the shutdown grace period"
         );
     }
+    http3_tasks.wait().await;
 }
 
 enum Io {
@@ -153,12 +212,14 @@ enum Io {
 struct Conn {
     io: Io,
     peer: SocketAddr,
+    /// The `Alt-Svc` value its responses carry (TLS, with HTTP/3 on its port).
+    alt_svc: Option<HeaderValue>,
     /// Counts the connection against `server.max_connections` until dropped.
     slot: Slot,
 }
 
 /// The connection limit and the accept-error backoff, with their rate-limited logs.
-struct Limits {
+pub(super) struct Limits {
     max: usize,
     open: Arc<AtomicUsize>,
     refused: AtomicU64,
@@ -188,7 +249,7 @@ impl RateLimit {
 }
 
 /// One open connection's place under the limit.
-struct Slot(Arc<AtomicUsize>);
+pub(super) struct Slot(Arc<AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -211,7 +272,7 @@ impl Limits {
     }
 
     /// A slot for a new connection, or `None` (counted, logged now and then) at the limit.
-    fn admit(&self) -> Option<Slot> {
+    pub(super) fn admit(&self) -> Option<Slot> {
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
             self.open.fetch_sub(1, Ordering::Relaxed);
             let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
@@ -234,7 +295,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsSettings>,
+    tls: Option<(TlsSettings, Option<HeaderValue>)>,
     tx: tokio::sync::mpsc::Sender<Conn>,
     limits: Arc<Limits>,
     shutdown: CancellationToken,
@@ -274,6 +335,7 @@ async fn accept_loop(
                     .send(Conn {
                         io: Io::Plain(stream),
                         peer,
+                        alt_svc: None,
                         slot,
                     })
                     .await
@@ -282,11 +344,9 @@ async fn accept_loop(
                     return;
                 }
             }
-            Some(tls) => {
-                let Some(acceptor) = tls.acceptor() else {
-                    continue;
-                };
-                let tx = tx.clone();
+            Some((tls, alt_svc)) => {
+                let acceptor = tls.acceptor();
+                let (tx, alt_svc) = (tx.clone(), alt_svc.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
@@ -294,6 +354,7 @@ async fn accept_loop(
                                 .send(Conn {
                                     io: Io::Tls(Box::new(s)),
                                     peer,
+                                    alt_svc,
                                     slot,
                                 })
                                 .await;

@@ -10,6 +10,7 @@
 
 pub mod containerd;
 pub mod fake;
+pub mod h3client;
 mod inproc;
 pub mod process;
 mod serve;
@@ -232,15 +233,24 @@ impl Server {
 
     /// SIGHUP to the child process ([`Server::start_process`]): reload.
     pub fn hup(&self) {
+        self.signal("-HUP");
+    }
+
+    /// SIGTERM to the child process, without waiting for it to stop (see [`Server::stop`]).
+    pub fn term(&self) {
+        self.signal("-TERM");
+    }
+
+    fn signal(&self, sig: &str) {
         match &self.runner {
             Runner::Process(c) => {
                 let status = Command::new("kill")
-                    .args(["-HUP", &c.id().to_string()])
+                    .args([sig, &c.id().to_string()])
                     .status()
-                    .expect("kill -HUP");
-                assert!(status.success(), "kill -HUP failed");
+                    .expect("kill");
+                assert!(status.success(), "kill {sig} failed");
             }
-            _ => panic!("SIGHUP needs a child process: use start_process"),
+            _ => panic!("signals need a child process: use start_process"),
         }
     }
 
