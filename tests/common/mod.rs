@@ -231,6 +231,14 @@ impl Server {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The child process's id ([`Server::start_process`]); `None` in process.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.runner {
+            Runner::Process(c) => Some(c.id()),
+            _ => None,
+        }
+    }
+
     /// SIGHUP to the child process ([`Server::start_process`]): reload.
     pub fn hup(&self) {
         self.signal("-HUP");
