@@ -23,7 +23,7 @@ use crate::mirror::Mirror;
 use crate::pullthrough::PullThrough;
 use crate::storage::Store;
 use crate::systemd::Notifier;
-use crate::upstream::Upstreams;
+use crate::upstream::{UpstreamSet, Upstreams};
 
 /// How often access times are flushed and the size budget checked, at the latest.
 const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -39,6 +39,8 @@ pub struct Daemon {
     background: Vec<tokio::task::JoinHandle<()>>,
     /// Its background work (central learning) is awaited on stop, after the last request.
     pull_through: Arc<PullThrough>,
+    /// Cached central logins (`auth.central`), whose client a reload may replace.
+    central: Option<Arc<CentralAuth>>,
     tls: Option<TlsSettings>,
     auth: Authenticator,
     store: Store,
@@ -67,11 +69,47 @@ async fn reap_uploads(store: Store, timeout: std::time::Duration, shutdown: Canc
     }
 }
 
-/// Loads and validates the configuration at `path` for a reload, with its issuer keys.
-fn prepare_reload(path: &Path) -> anyhow::Result<(Config, Vec<ed25519_dalek::VerifyingKey>)> {
+/// A new configuration, validated whole and ready to apply.
+struct Staged {
+    config: Config,
+    issuers: Vec<ed25519_dalek::VerifyingKey>,
+    upstreams: UpstreamSet,
+}
+
+/// Loads and validates the configuration at `path` for a reload: its issuer keys, and its
+/// upstreams built (credential and CA files read) beside the running ones. Every upstream
+/// that settings waiting for a restart use (`auth.central`, mirror jobs) must still be
+/// configured.
+fn prepare_reload(path: &Path, upstreams: &Upstreams, running: &Config) -> anyhow::Result<Staged> {
     let config = Config::load(path)?;
+    let needed = running
+        .auth
+        .central
+        .iter()
+        .map(|name| (name, "auth.central".to_owned()))
+        .chain(
+            running
+                .mirrors
+                .iter()
+                .map(|m| (&m.upstream, format!("mirror job {:?}", m.name))),
+        );
+    for (name, user) in needed {
+        if !config.upstreams.iter().any(|u| &u.name == name) {
+            anyhow::bail!(
+                "the new file removes the upstream {name:?}, which the running {user} uses \
+                 (a change of auth.central or [[mirror]] needs a restart)"
+            );
+        }
+    }
+    let staged = upstreams
+        .stage(&config)
+        .context("setting up upstream clients")?;
     let issuers = load_issuers(&config)?;
-    Ok((config, issuers))
+    Ok(Staged {
+        config,
+        issuers,
+        upstreams: staged,
+    })
 }
 
 /// The public keys of `auth.issuer_keys`, each failure naming its file.
@@ -137,7 +175,7 @@ fn central_auth(
         offline_grace: config.auth.offline_grace,
     };
     let client = central.client().clone();
-    let central = CentralAuth::new(client, central.id(), store.clone(), rules, metrics.clone())
+    let central = CentralAuth::new(client, store.clone(), rules, metrics.clone())
         .map_err(|e| anyhow::anyhow!("no entropy for central login records: {e}"))?;
     Ok(Some(Arc::new(central)))
 }
@@ -361,6 +399,7 @@ impl Daemon {
             task,
             background: vec![maintenance, admin, keys, schedules, reaper],
             pull_through: cache,
+            central,
             tls,
             auth,
             store,
@@ -416,11 +455,18 @@ impl Daemon {
 
     /// Reads, validates and applies the configuration file at `path` (see [`Daemon::reload`]).
     async fn reload_config(&self, path: &Path) {
+        let upstreams = self.pull_through.upstreams().clone();
         let loaded = {
             let path = path.to_owned();
-            tokio::task::spawn_blocking(move || prepare_reload(&path)).await
+            let upstreams = upstreams.clone();
+            let running = self
+                .applied
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            tokio::task::spawn_blocking(move || prepare_reload(&path, &upstreams, &running)).await
         };
-        let (new, issuers) = match loaded {
+        let staged = match loaded {
             Ok(Ok(ready)) => ready,
             Ok(Err(e)) => {
                 tracing::error!(
@@ -439,9 +485,26 @@ impl Daemon {
             .applied
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new = staged.config;
         let plan = ReloadPlan::new(&applied, &new);
         self.auth
-            .reload(issuers, new.policy.clone(), new.auth.token_ttl);
+            .reload(staged.issuers, new.policy.clone(), new.auth.token_ttl);
+        let changes = staged.upstreams.changes(&upstreams);
+        upstreams.install(staged.upstreams);
+        if let Some(central) = &self.central
+            && changes.changed.iter().any(|n| n == central.registry())
+            && let Some(handle) = upstreams.by_name(central.registry())
+        {
+            central.replace_client(handle.client().clone());
+        }
+        if !changes.is_empty() {
+            tracing::info!(
+                added = ?changes.added,
+                changed = ?changes.changed,
+                removed = ?changes.removed,
+                "upstreams reloaded: new requests use the new settings, requests in flight finish with the old"
+            );
+        }
         if !plan.restart.is_empty() {
             tracing::warn!(
                 changed = ?plan.restart,
@@ -460,6 +523,7 @@ impl Daemon {
         next.auth.token_ttl = new.auth.token_ttl;
         next.access = new.access.clone();
         next.policy = new.policy.clone();
+        next.upstreams = new.upstreams.clone();
         *applied = Arc::new(next);
     }
 

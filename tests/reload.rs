@@ -1,7 +1,8 @@
 //! Live reload (SIGHUP) of the configuration file, through the real binary: the README's
 //! "Rotating issuer keys" procedure, step by step, with a blob download in flight across
 //! both reloads; an invalid file is refused and the running configuration stays; a
-//! setting that needs a restart is named in the log.
+//! setting that needs a restart is named in the log; upstreams are added, changed and
+//! removed with a pull-through download in flight.
 
 mod common;
 
@@ -128,4 +129,122 @@ async fn issuer_keys_rotate_by_reload_with_a_transfer_in_flight() {
         logs.contains("take effect at the next restart") && logs.contains("[server]"),
         "{logs}"
     );
+}
+
+async fn manifest_status(server: &Server, repo: &str, tag: &str) -> (u16, String) {
+    let r = client()
+        .get(server.url(&format!("/v2/{repo}/manifests/{tag}")))
+        .header("Accept", OCI_MANIFEST)
+        .send()
+        .await
+        .expect("pull");
+    let status = r.status().as_u16();
+    let code = if status == 200 {
+        String::new()
+    } else {
+        error_code(r).await
+    };
+    (status, code)
+}
+
+/// `[[upstream]]` changes apply on reload: a changed URL takes new pulls to the new
+/// registry while a download started before finishes, an added upstream serves at once,
+/// a removed one answers NAME_UNKNOWN; the log names each change.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstreams_change_by_reload_with_a_pull_through_download_in_flight() {
+    use common::upstream::{UpstreamOptions, UpstreamRegistry};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = UpstreamRegistry::start(&dir.path().join("first"), UpstreamOptions::default());
+    let second = UpstreamRegistry::start(&dir.path().join("second"), UpstreamOptions::default());
+    let mut layout = Layout::new(&dir.path().join("v1"));
+    let big = 24 << 20;
+    let (md, ms, manifest) = layout.image(3, &[big], "amd64");
+    layout.tag(OCI_MANIFEST, &md, ms, "v1");
+    first.push_layout(&layout.dir, "app:v1");
+    let mut other = Layout::new(&dir.path().join("v2"));
+    let (md2, ms2, _) = other.image(4, &[1000], "amd64");
+    other.tag(OCI_MANIFEST, &md2, ms2, "v2");
+    second.push_layout(&other.dir, "app:v2");
+
+    let issuer = Issuer::new(&dir.path().join("keys"));
+    let site = format!(
+        "[[upstream]]\nname = \"site.corp\"\nurl = \"{}\"\n\
+         [[access]]\nrepositories = [\"site.corp/**\", \"other.corp/**\"]\nanonymous = [\"pull\"]\n",
+        first.url()
+    );
+    let server = Server::start_process(dir.path(), &issuer, &site);
+    assert_eq!(manifest_status(&server, "site.corp/app", "v1").await.0, 200);
+
+    // A pull-through download in flight: its first bytes, then it waits for the reloads.
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest");
+    let layer: Digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("layer digest")
+        .parse()
+        .expect("digest");
+    let url = server.url(&format!("/v2/site.corp/app/blobs/{layer}"));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let download = tokio::spawn(async move {
+        let mut resp = client().get(url).send().await.expect("download");
+        assert_eq!(resp.status(), 200);
+        let mut got = Vec::new();
+        while got.len() < 1 << 20 {
+            got.extend(resp.chunk().await.expect("chunk").expect("more"));
+        }
+        started_tx.send(()).expect("started");
+        go_rx.await.expect("go");
+        while let Some(chunk) = resp.chunk().await.expect("chunk") {
+            got.extend(chunk);
+        }
+        got
+    });
+    started_rx.await.expect("download started");
+
+    // site.corp moves to the second registry; other.corp (the first) is added.
+    let text = std::fs::read_to_string(&server.config).expect("config");
+    let moved = text.replace(&first.url(), &second.url());
+    let added = format!(
+        "{moved}\n[[upstream]]\nname = \"other.corp\"\nurl = \"{}\"\n",
+        first.url()
+    );
+    std::fs::write(&server.config, &added).expect("write config");
+    server.hup();
+    let logs = server.wait_for_log("upstreams reloaded", 1);
+    assert!(
+        logs.contains(r#"added=["other.corp"]"#) && logs.contains(r#"changed=["site.corp"]"#),
+        "{logs}"
+    );
+    assert_eq!(manifest_status(&server, "site.corp/app", "v2").await.0, 200);
+    assert!(
+        second
+            .request_log()
+            .iter()
+            .any(|r| r.uri.starts_with("/v2/app/manifests/v2")),
+        "the new URL was asked"
+    );
+    assert_eq!(
+        manifest_status(&server, "other.corp/app", "v1").await.0,
+        200
+    );
+
+    // other.corp is removed again: containerd's `?ns=other.corp` is unknown from now on,
+    // and the path form names a (missing) hosted repository, as at a fresh start.
+    std::fs::write(&server.config, &moved).expect("write config");
+    server.hup();
+    let logs = server.wait_for_log("upstreams reloaded", 2);
+    assert!(logs.contains(r#"removed=["other.corp"]"#), "{logs}");
+    assert_eq!(
+        manifest_status(&server, "app", "v1?ns=other.corp").await,
+        (404, "NAME_UNKNOWN".to_owned())
+    );
+    assert_eq!(
+        manifest_status(&server, "other.corp/app", "v1").await,
+        (404, "MANIFEST_UNKNOWN".to_owned())
+    );
+
+    // The download that started before both reloads completes, byte for byte.
+    go_tx.send(()).expect("go");
+    let got = download.await.expect("download task");
+    assert_eq!(Digest::sha256_of(&got), layer);
 }

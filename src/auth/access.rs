@@ -21,7 +21,7 @@ use super::{
 };
 use crate::metrics::Metrics;
 use crate::oci::{RepoName, Tag};
-use crate::upstream::{Namespace, UpstreamId, Upstreams};
+use crate::upstream::{Namespace, Upstreams};
 
 /// What a refused caller is told to do next: `WWW-Authenticate: Bearer realm=…,
 /// service=…[,scope=…]`, so that clients run the token flow.
@@ -97,7 +97,7 @@ impl Access {
 
     /// Whether repositories routed to `upstream` belong to the central registry, whose
     /// own say on pulls counts (see [`Access::authorize`]).
-    pub fn is_central(&self, upstream: UpstreamId) -> bool {
+    pub fn is_central(&self, upstream: &str) -> bool {
         self.inner
             .central
             .as_ref()
@@ -269,7 +269,7 @@ impl Access {
         let Namespace::Upstream { upstream, remote } = resolved.namespace else {
             return true;
         };
-        if !central.is_central(upstream.id()) {
+        if !central.is_central(upstream.name()) {
             return true;
         }
         match puller(principal) {
@@ -329,7 +329,7 @@ impl Access {
     /// The name at the central registry of `repo`, when it belongs there.
     fn central_remote(&self, central: &CentralAuth, repo: &RepoName) -> Option<RepoName> {
         match self.inner.upstreams.resolve(repo, None).ok()?.namespace {
-            Namespace::Upstream { upstream, remote } if central.is_central(upstream.id()) => {
+            Namespace::Upstream { upstream, remote } if central.is_central(upstream.name()) => {
                 Some(remote)
             }
             _ => None,

@@ -61,7 +61,7 @@ impl ReloadPlan {
             (
                 "[[upstream]]",
                 differs(&old.upstreams, &new.upstreams),
-                false,
+                true,
             ),
             ("[[mirror]]", differs(&old.mirrors, &new.mirrors), false),
         ] {
@@ -96,9 +96,19 @@ mod tests {
         let plan = ReloadPlan::new(&old, &new);
         assert_eq!(
             plan.applied,
-            vec!["auth.issuer_keys", "auth.token_ttl", "[[access]] rules"]
+            vec![
+                "auth.issuer_keys",
+                "auth.token_ttl",
+                "[[access]] rules",
+                "[[upstream]]"
+            ]
         );
-        assert_eq!(plan.restart, vec!["[[upstream]]"]);
+        assert!(plan.restart.is_empty());
+        let moved = Config::from_toml(
+            &BASE.replace("listen=[\"127.0.0.1:0\"]", "listen=[\"127.0.0.1:1\"]"),
+        )
+        .expect("moved");
+        assert_eq!(ReloadPlan::new(&old, &moved).restart, vec!["[server]"]);
         assert_eq!(ReloadPlan::new(&old, &old), ReloadPlan::default());
     }
 }

@@ -263,7 +263,7 @@ async fn authorize(
         return Ok(());
     };
     let central = match namespace {
-        Namespace::Upstream { upstream, remote } if state.access.is_central(upstream.id()) => {
+        Namespace::Upstream { upstream, remote } if state.access.is_central(upstream.name()) => {
             Some(remote)
         }
         _ => None,

@@ -359,7 +359,7 @@ impl Mirror {
             Some(upstream) => {
                 let ctx = JobCtx {
                     job,
-                    upstream,
+                    upstream: &upstream,
                     state,
                     bucket: job.bandwidth.map(Bucket::new),
                     progress,
@@ -570,7 +570,7 @@ impl Mirror {
         let Some(central) = &self.inner.central else {
             return;
         };
-        if !central.is_central(upstream.id()) {
+        if !central.is_central(upstream.name()) {
             return;
         }
         if central.learns_anonymous() {

@@ -494,6 +494,15 @@ mod tests {
     }
 
     /// Every byte a follower is sent, read from the file ranges it yields.
+    /// Upstream GETs the server has seen so far.
+    fn count_get(server: &TestServer) -> usize {
+        server
+            .seen()
+            .iter()
+            .filter(|s| s.method == http::Method::GET)
+            .count()
+    }
+
     async fn read_all(follower: Follower) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
         let mut ranges = Box::pin(follower.ranges(0, None));
@@ -601,9 +610,12 @@ mod tests {
                 Ok::<_, CacheError>((joined, body))
             })
         };
-        // The first client, of repository `a`, leads.
+        // The first client, of repository `a`, leads; the others come once its transfer
+        // has reached the upstream (a fixed head start flaked on a loaded machine).
         let mut clients = vec![get("a")];
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        while count_get(&server) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         for i in 1..32 {
             clients.push(get(if i % 2 == 0 { "a" } else { "b" }));
         }
@@ -668,7 +680,9 @@ mod tests {
                     .map_err(|_| CacheError::Abandoned)
             })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        while count_get(&server) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let refused = flights
             .follow(fetch(&store, &client, "secret", &digest))
             .await;

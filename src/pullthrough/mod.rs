@@ -305,7 +305,7 @@ impl PullThrough {
     /// pulls of it keep working while the central registry is unreachable.
     fn learn_anonymous(&self, t: &Target<'_>) {
         if let Some(central) = &self.learner
-            && central.is_central(t.upstream.id())
+            && central.is_central(t.upstream.name())
         {
             let (central, remote) = (central.clone(), t.remote.clone());
             self.tasks
@@ -588,7 +588,10 @@ impl PullThrough {
 
     /// Sets the per-upstream health gauges (called when metrics are scraped).
     pub fn export_health(&self, metrics: &Metrics) {
-        for u in self.upstreams.iter() {
+        // Only upstreams configured now have series (a reload may have removed one).
+        metrics.upstream_up.clear();
+        metrics.ratelimit_remaining.clear();
+        for u in self.upstreams.all() {
             let label = UpstreamLabels {
                 upstream: u.name().to_owned(),
             };
@@ -612,7 +615,7 @@ impl PullThrough {
     /// Probes each upstream nobody asked anything for [`PROBE_AFTER`], so that
     /// `outpost_upstream_up` says whether it is reachable now, not when it last was.
     async fn probe_idle_upstreams(&self) {
-        for u in self.upstreams.iter() {
+        for u in self.upstreams.all() {
             let client = u.client();
             if client
                 .idle_secs()
@@ -1221,7 +1224,6 @@ mod tests {
         };
         let central = CentralAuth::new(
             handle.client().clone(),
-            handle.id(),
             plain.store.clone(),
             rules,
             metrics.clone(),

@@ -37,6 +37,7 @@ use reqwest::header::{
     WWW_AUTHENTICATE,
 };
 use reqwest::{Method, StatusCode};
+use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
 use self::breaker::{Admission, Breaker, Refusal};
@@ -48,7 +49,7 @@ use crate::oci::{Digest, MAX_MANIFEST_BYTES, Reference, RepoName};
 
 pub use self::breaker::BreakerState;
 pub use self::namespace::{Namespace, NamespaceError};
-pub use self::registry::{UpstreamHandle, UpstreamId, Upstreams};
+pub use self::registry::{Set as UpstreamSet, UpstreamHandle, Upstreams};
 pub use self::user::{LoginCheck, PullCheck, UserCredentials};
 
 /// Sent on every upstream request.
@@ -224,6 +225,8 @@ struct Credentials {
 const NO_RATE_LIMIT: u64 = u64::MAX;
 
 struct Inner {
+    /// A digest of the settings and files this client was built from.
+    settings: [u8; 32],
     name: String,
     /// Base URL without a trailing slash.
     base: String,
@@ -286,10 +289,19 @@ impl Upstream {
         install_crypto_provider();
         let setup = |msg: String| UpstreamError::Invalid(format!("{}: {msg}", config.name));
         let credentials = read_credentials(config).map_err(setup)?;
-        let roots = read_ca(config).map_err(setup)?;
+        let (roots, ca_pem) = read_ca(config).map_err(setup)?;
+        // Everything the client is made of, files included: a reload keeps a client
+        // whose settings are unchanged (and with it its breaker, tokens and readings).
+        let mut settings = Sha256::new();
+        settings.update(format!("{config:?}"));
+        if let Some(c) = &credentials {
+            settings.update(c.password.expose());
+        }
+        settings.update(&ca_pem);
         let client = build_client(config, roots).map_err(setup)?;
         Ok(Upstream {
             inner: Arc::new(Inner {
+                settings: settings.finalize().into(),
                 name: config.name.clone(),
                 base: config.url.trim_end_matches('/').to_owned(),
                 https: config.url.starts_with("https://"),
@@ -321,6 +333,11 @@ impl Upstream {
 
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Whether `other` was built from the same settings and files as this client.
+    pub fn same_settings(&self, other: &Upstream) -> bool {
+        self.inner.settings == other.inner.settings
     }
 
     /// GET or HEAD `/v2/<repo>/manifests/<reference>` with `Accept: <accept>`. `repo` is
@@ -578,9 +595,10 @@ fn read_credentials(config: &UpstreamConfig) -> Result<Option<Credentials>, Stri
     }
 }
 
-fn read_ca(config: &UpstreamConfig) -> Result<Vec<reqwest::Certificate>, String> {
+/// The certificates of `ca`, and the file's bytes.
+fn read_ca(config: &UpstreamConfig) -> Result<(Vec<reqwest::Certificate>, Vec<u8>), String> {
     let Some(path) = &config.ca else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let pem = std::fs::read(path).map_err(|e| format!("cannot read ca {}: {e}", path.display()))?;
     let certs = reqwest::Certificate::from_pem_bundle(&pem)
@@ -588,7 +606,7 @@ fn read_ca(config: &UpstreamConfig) -> Result<Vec<reqwest::Certificate>, String>
     if certs.is_empty() {
         return Err(format!("ca {} holds no certificate", path.display()));
     }
-    Ok(certs)
+    Ok((certs, pem))
 }
 
 fn build_client(

@@ -65,7 +65,7 @@ impl Upstreams {
     }
 }
 
-fn in_upstream(upstream: &UpstreamHandle, remote: RepoName) -> Result<Resolved, NamespaceError> {
+fn in_upstream(upstream: UpstreamHandle, remote: RepoName) -> Result<Resolved, NamespaceError> {
     let name = upstream.name();
     // Docker Hub's official images live under `library/`.
     let remote = if name == "docker.io" && remote.strip_first_component().is_none() {
@@ -75,10 +75,7 @@ fn in_upstream(upstream: &UpstreamHandle, remote: RepoName) -> Result<Resolved, 
     };
     Ok(Resolved {
         canonical: remote.with_prefix(name)?,
-        namespace: Namespace::Upstream {
-            upstream: upstream.clone(),
-            remote,
-        },
+        namespace: Namespace::Upstream { upstream, remote },
     })
 }
 

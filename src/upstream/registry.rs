@@ -1,22 +1,24 @@
-//! The configured upstreams, built once in the composition root and shared by everything
-//! that talks to an upstream (pull-through, central logins, mirroring): one client per
-//! upstream, so one circuit breaker, one token cache and one rate-limit reading each.
+//! The configured upstreams, built in the composition root and shared by everything that
+//! talks to an upstream (pull-through, central logins, mirroring): one client per
+//! upstream, so one circuit breaker, one token cache and one rate-limit reading each. A
+//! configuration reload replaces the set in one step, keeping every unchanged client.
 //!
 //! Owns the lookup of an upstream by its configured name, or by any host clients may
 //! write for it (name, aliases, Docker Hub's historic hosts). Upstreams are named by an
 //! [`UpstreamId`] or carried as an [`UpstreamHandle`]; never by a position in the
 //! configuration. Building it reads the credential and CA files; it opens no connection.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::{Upstream, UpstreamError};
 use crate::config::Config;
 
-/// One configured upstream, valid within the [`Upstreams`] that issued it. Cheap to copy
-/// and compare; only the registry makes them, so an id always names a real upstream.
+/// One upstream client, never reused for another (a changed upstream gets a new id at a
+/// reload). Cheap to copy and compare; only the registry makes them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct UpstreamId(usize);
+struct UpstreamId(usize);
 
 /// One upstream: its client and the pull-through settings that belong to it. Cheap to
 /// clone (the client is shared, and with it the circuit breaker). Handles compare by id.
@@ -29,10 +31,6 @@ pub struct UpstreamHandle {
 }
 
 impl UpstreamHandle {
-    pub fn id(&self) -> UpstreamId {
-        self.id
-    }
-
     /// The configured name (`docker.io`): the first component of canonical names, and
     /// the label of metrics and logs.
     pub fn name(&self) -> &str {
@@ -72,14 +70,17 @@ impl std::fmt::Debug for UpstreamHandle {
     }
 }
 
-/// Every configured upstream. Cheap to clone.
+/// Every configured upstream. Cheap to clone; clones share one set, which a reload
+/// replaces ([`Upstreams::stage`], [`Upstreams::install`]). Lookups hand out handles:
+/// a request keeps the one it started with, whatever a reload does meanwhile.
 #[derive(Clone)]
 pub struct Upstreams {
-    inner: Arc<Inner>,
+    current: Arc<RwLock<Arc<Set>>>,
 }
 
-struct Inner {
-    /// In configuration order; `UpstreamId(i)` is `handles[i]`.
+/// One generation of the configured upstreams.
+pub struct Set {
+    /// In configuration order.
     handles: Vec<UpstreamHandle>,
     /// Every host clients may write for an upstream: its name, then its aliases.
     hosts: Vec<(String, UpstreamId)>,
@@ -87,22 +88,27 @@ struct Inner {
     own_host: String,
 }
 
-impl std::fmt::Debug for Upstreams {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(&self.inner.handles).finish()
-    }
-}
+/// Ids are never reused, across reloads included.
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
-impl Upstreams {
-    /// Builds a client for every configured upstream (reads password and CA files).
-    pub fn new(config: &Config) -> Result<Upstreams, UpstreamError> {
+impl Set {
+    /// Builds the upstreams of `config`, keeping from `previous` every client whose
+    /// settings and files are unchanged.
+    fn build(config: &Config, previous: Option<&Set>) -> Result<Set, UpstreamError> {
         let mut handles = Vec::with_capacity(config.upstreams.len());
         let mut hosts = Vec::new();
-        for (i, u) in config.upstreams.iter().enumerate() {
-            let id = UpstreamId(i);
+        for u in &config.upstreams {
+            let fresh = Upstream::new(u)?;
+            let kept = previous
+                .and_then(|p| p.handles.iter().find(|h| h.name() == u.name))
+                .filter(|h| h.client.same_settings(&fresh));
+            let (id, client) = match kept {
+                Some(h) => (h.id, h.client.clone()),
+                None => (UpstreamId(NEXT_ID.fetch_add(1, Ordering::Relaxed)), fresh),
+            };
             handles.push(UpstreamHandle {
                 id,
-                client: Upstream::new(u)?,
+                client,
                 tag_ttl: u.tag_ttl,
                 revalidate_wait: u.revalidate_wait,
             });
@@ -113,41 +119,123 @@ impl Upstreams {
                     .map(|h| (h.clone(), id)),
             );
         }
-        Ok(Upstreams {
-            inner: Arc::new(Inner {
-                handles,
-                hosts,
-                own_host: own_host(&config.server.public_url).to_owned(),
-            }),
+        Ok(Set {
+            handles,
+            hosts,
+            own_host: own_host(&config.server.public_url).to_owned(),
         })
+    }
+
+    /// What differs from `previous`, by upstream name: added, changed, removed.
+    pub fn changes(&self, previous: &Upstreams) -> UpstreamChanges {
+        let old = previous.snapshot();
+        let named = |set: &Set, name: &str| set.handles.iter().find(|h| h.name() == name).cloned();
+        let mut changes = UpstreamChanges::default();
+        for h in &self.handles {
+            match named(&old, h.name()) {
+                None => changes.added.push(h.name().to_owned()),
+                // Every setting is in a client's digest: a change makes a new client.
+                Some(o) if o.id != h.id => changes.changed.push(h.name().to_owned()),
+                Some(_) => {}
+            }
+        }
+        for o in &old.handles {
+            if named(self, o.name()).is_none() {
+                changes.removed.push(o.name().to_owned());
+            }
+        }
+        changes
+    }
+}
+
+/// Upstreams a reload adds, changes (settings or credential and CA files) or removes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UpstreamChanges {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl UpstreamChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.snapshot().handles).finish()
+    }
+}
+
+impl Upstreams {
+    /// Builds a client for every configured upstream (reads password and CA files).
+    pub fn new(config: &Config) -> Result<Upstreams, UpstreamError> {
+        Ok(Upstreams {
+            current: Arc::new(RwLock::new(Arc::new(Set::build(config, None)?))),
+        })
+    }
+
+    /// The upstreams of a new configuration, built and checked but not in use yet:
+    /// clients whose settings and files are unchanged are kept (with their breaker,
+    /// tokens and readings); changed ones are new. Our own host stays the running one
+    /// (`[server]` changes need a restart).
+    pub fn stage(&self, config: &Config) -> Result<Set, UpstreamError> {
+        let running = self.snapshot();
+        let mut set = Set::build(config, Some(&running))?;
+        set.own_host.clone_from(&running.own_host);
+        Ok(set)
+    }
+
+    /// Puts a staged set in use: requests that start afterwards see it; those in flight
+    /// finish with the upstream they started with.
+    pub fn install(&self, set: Set) {
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = Arc::new(set);
+    }
+
+    fn snapshot(&self) -> Arc<Set> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(&current)
     }
 
     /// The upstream configured under `name` (its name, not an alias): how `auth.central`
     /// and mirror jobs refer to one.
-    pub fn by_name(&self, name: &str) -> Option<&UpstreamHandle> {
-        self.iter().find(|h| h.name() == name)
+    pub fn by_name(&self, name: &str) -> Option<UpstreamHandle> {
+        self.snapshot()
+            .handles
+            .iter()
+            .find(|h| h.name() == name)
+            .cloned()
     }
 
     /// The upstream a client means by the registry host `host`: its name or one of its
     /// aliases; Docker Hub's historic hosts (`index.docker.io`, `registry-1.docker.io`)
     /// mean `docker.io`.
-    pub fn by_host(&self, host: &str) -> Option<&UpstreamHandle> {
+    pub fn by_host(&self, host: &str) -> Option<UpstreamHandle> {
         let host = match host {
             "index.docker.io" | "registry-1.docker.io" => "docker.io",
             other => other,
         };
-        let (_, id) = self.inner.hosts.iter().find(|(h, _)| h == host)?;
-        self.inner.handles.get(id.0)
+        let set = self.snapshot();
+        let (_, id) = set.hosts.iter().find(|(h, _)| h == host)?;
+        set.handles.iter().find(|h| h.id == *id).cloned()
     }
 
     /// Every upstream, in configuration order.
-    pub fn iter(&self) -> impl Iterator<Item = &UpstreamHandle> {
-        self.inner.handles.iter()
+    pub fn all(&self) -> Vec<UpstreamHandle> {
+        self.snapshot().handles.clone()
     }
 
     /// The `host[:port]` of our own public URL.
-    pub(super) fn own_host(&self) -> &str {
-        &self.inner.own_host
+    pub(super) fn own_host(&self) -> String {
+        self.snapshot().own_host.clone()
     }
 }
 
@@ -169,7 +257,7 @@ mod tests {
     fn default_config_knows_docker_hub_by_its_historic_hosts() {
         let c = Config::embedded_default().expect("default config");
         let u = Upstreams::new(&c).expect("upstreams");
-        assert_eq!(u.iter().count(), 3);
+        assert_eq!(u.all().len(), 3);
         for host in ["docker.io", "index.docker.io", "registry-1.docker.io"] {
             assert_eq!(names(&u, host).as_deref(), Some("docker.io"), "{host}");
         }
@@ -197,14 +285,82 @@ mod tests {
         .expect("valid config");
         let u = Upstreams::new(&c).expect("upstreams");
         let central = u.by_name("central.corp").expect("by name");
-        assert_eq!(u.by_host("central.corp:5000"), Some(central));
-        assert_eq!(u.by_host("central.corp"), Some(central));
+        assert_eq!(u.by_host("central.corp:5000").as_ref(), Some(&central));
+        assert_eq!(u.by_host("central.corp").as_ref(), Some(&central));
         // Aliases are hosts, not names.
         assert!(u.by_name("central.corp:5000").is_none());
         let hub = u.by_name("docker.io").expect("docker.io");
-        assert_ne!(hub.id(), central.id());
+        assert_ne!(hub, central);
         assert_eq!(hub.tag_ttl(), c.upstreams[0].tag_ttl);
         assert_eq!(central.revalidate_wait(), c.upstreams[1].revalidate_wait);
         assert_eq!(u.own_host(), "outpost.site:5443");
+    }
+
+    fn config(upstreams: &str) -> Config {
+        Config::from_toml(&format!(
+            "[server]\nlisten = [\"127.0.0.1:5000\"]\npublic_url = \"http://127.0.0.1:5000/\"\n[storage]\npath = \"/tmp/x\"\n{upstreams}"
+        ))
+        .expect("valid config")
+    }
+
+    fn upstream(name: &str, extra: &str) -> String {
+        format!("[[upstream]]\nname = \"{name}\"\nurl = \"https://{name}\"\n{extra}\n")
+    }
+
+    /// A reload keeps the clients (breaker, tokens) of unchanged upstreams, replaces the
+    /// one whose password file changed, and a handle taken before keeps working.
+    #[test]
+    fn a_staged_set_keeps_unchanged_clients_and_replaces_changed_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let password = dir.path().join("password");
+        std::fs::write(&password, "one").expect("password");
+        let creds = format!(
+            "username = \"site\"\npassword_file = \"{}\"",
+            password.display()
+        );
+        let old = config(
+            &[
+                upstream("a.corp", &creds),
+                upstream("b.corp", ""),
+                upstream("c.corp", ""),
+            ]
+            .concat(),
+        );
+        let u = Upstreams::new(&old).expect("upstreams");
+        let (a, b) = (
+            u.by_name("a.corp").expect("a"),
+            u.by_name("b.corp").expect("b"),
+        );
+
+        std::fs::write(&password, "two").expect("password");
+        let new = config(
+            &[
+                upstream("a.corp", &creds),
+                upstream("b.corp", ""),
+                upstream("d.corp", "aliases = [\"d.corp:5000\"]"),
+            ]
+            .concat(),
+        );
+        let staged = u.stage(&new).expect("staged");
+        assert_eq!(
+            staged.changes(&u),
+            UpstreamChanges {
+                added: vec!["d.corp".to_owned()],
+                changed: vec!["a.corp".to_owned()],
+                removed: vec!["c.corp".to_owned()],
+            }
+        );
+        assert!(u.by_name("d.corp").is_none(), "staged is not in use yet");
+        u.install(staged);
+        assert_eq!(u.by_name("b.corp").as_ref(), Some(&b), "b keeps its client");
+        assert_ne!(u.by_name("a.corp").as_ref(), Some(&a), "a has a new client");
+        assert_eq!(names(&u, "d.corp:5000").as_deref(), Some("d.corp"));
+        assert!(u.by_name("c.corp").is_none());
+        assert_eq!(a.name(), "a.corp", "a handle from before still works");
+        assert!(u.stage(&new).expect("again").changes(&u).is_empty());
+
+        std::fs::remove_file(&password).expect("remove");
+        assert!(u.stage(&new).is_err(), "a missing password file refuses");
+        assert_eq!(u.all().len(), 3, "and the running set stays");
     }
 }

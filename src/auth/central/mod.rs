@@ -27,7 +27,7 @@ mod rules;
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
 use crate::storage::{CentralDecisionRecord, CentralUserRecord, StorageError, Store, now_secs};
-use crate::upstream::{LoginCheck, PullCheck, Upstream, UpstreamId, UserCredentials};
+use crate::upstream::{LoginCheck, PullCheck, Upstream, UserCredentials};
 pub use rules::{CentralLogin, CentralRules, CentralUser, DEFAULT_NEGATIVE_TTL, valid_user_name};
 use rules::{
     Decision, LoginStep, Offline, RepoStep, cached_allows, credential_hash, credential_key,
@@ -117,9 +117,11 @@ type VerifiedCredential = ([u8; 32], [u8; 32]);
 
 /// Cached central-registry logins for one central upstream. Build once, share.
 pub struct CentralAuth {
-    upstream: Upstream,
-    /// The central upstream: requests routed there are central repositories.
-    id: UpstreamId,
+    /// The central upstream's client; a configuration reload that changes the upstream
+    /// replaces it.
+    upstream: std::sync::RwLock<Upstream>,
+    /// The central upstream's name: requests routed there are central repositories.
+    name: String,
     store: Store,
     rules: CentralRules,
     metrics: Arc<Metrics>,
@@ -140,18 +142,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl CentralAuth {
-    /// `upstream` is the client of the central upstream, `id` its id (requests routed
-    /// there are central repositories).
+    /// `upstream` is the client of the central upstream (requests routed to an upstream
+    /// of its name are central repositories).
     pub fn new(
         upstream: Upstream,
-        id: UpstreamId,
         store: Store,
         rules: CentralRules,
         metrics: Arc<Metrics>,
     ) -> Result<CentralAuth, getrandom::Error> {
         Ok(CentralAuth {
-            upstream,
-            id,
+            name: upstream.name().to_owned(),
+            upstream: std::sync::RwLock::new(upstream),
             store,
             rules,
             metrics,
@@ -164,20 +165,37 @@ impl CentralAuth {
         })
     }
 
-    /// Whether upstream `id` is the central registry.
-    pub fn is_central(&self, id: UpstreamId) -> bool {
-        id == self.id
+    /// Whether the upstream named `name` is the central registry.
+    pub fn is_central(&self, name: &str) -> bool {
+        name == self.name
+    }
+
+    /// The central upstream's client now.
+    fn upstream(&self) -> Upstream {
+        self.upstream
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Uses `client` for the central registry from now on (a reload changed its
+    /// upstream's settings; the name stays).
+    pub fn replace_client(&self, client: Upstream) {
+        *self
+            .upstream
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = client;
     }
 
     /// Whether Outpost fetches from the central registry without credentials of its own,
     /// so that its successful pull-through shows what is served anonymously.
     pub fn learns_anonymous(&self) -> bool {
-        !self.upstream.has_credentials()
+        !self.upstream().has_credentials()
     }
 
     /// The central registry's name, for messages.
     pub fn registry(&self) -> &str {
-        self.upstream.name()
+        &self.name
     }
 
     /// Checks a central user's credentials: against the stored hash while its
@@ -210,7 +228,7 @@ impl CentralAuth {
             user,
             password: &login.password,
         };
-        match self.upstream.check_login(creds).await {
+        match self.upstream().check_login(creds).await {
             Ok(LoginCheck::Valid) => {
                 let salt = match matching {
                     Some(r) => r.salt,
@@ -293,7 +311,7 @@ impl CentralAuth {
             }),
             _ => None,
         };
-        match self.upstream.check_pull(creds, remote).await {
+        match self.upstream().check_pull(creds, remote).await {
             Ok(PullCheck::Allowed) => {
                 self.record(key, repo, true).await;
                 self.count("central_online");
@@ -357,7 +375,7 @@ impl CentralAuth {
     /// its own, so anonymous pulls of mirrored content are judged on fresh knowledge
     /// while the central registry is unreachable). No answer changes nothing.
     pub async fn ask_anonymous(&self, remote: &RepoName) {
-        match self.upstream.check_pull(None, remote).await {
+        match self.upstream().check_pull(None, remote).await {
             Ok(PullCheck::Allowed) => self.record(ANONYMOUS, remote.as_str(), true).await,
             Ok(PullCheck::Denied | PullCheck::NotFound) => {
                 self.record(ANONYMOUS, remote.as_str(), false).await;
