@@ -192,7 +192,7 @@ pub fn execute(
 pub async fn serve(
     path: PathBuf,
     store: Store,
-    config: std::sync::Arc<Config>,
+    config: crate::app::Applied,
     auth: Authenticator,
     mirror: Mirror,
     shutdown: CancellationToken,
@@ -211,8 +211,12 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
-        let (store, config, auth) = (store.clone(), config.clone(), auth.clone());
-        let mirror = mirror.clone();
+        // Each request sees the configuration in force (a reload may have replaced it).
+        let config = config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let (store, auth, mirror) = (store.clone(), auth.clone(), mirror.clone());
         tokio::spawn(async move {
             if let Err(e) = handle(stream, store, config, auth, mirror).await {
                 tracing::warn!(error = %e, "admin request failed");

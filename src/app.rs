@@ -16,10 +16,10 @@ use crate::auth::{
     Access, AccessSettings, AuthSettings, Authenticator, DEFAULT_CAPACITY, FailureThrottle,
     RevocationSet, load_verifying_key,
 };
-use crate::config::{Config, ReloadPlan};
+use crate::config::{Changes, Config, ReloadPlan};
 use crate::http::{self, Listeners, TlsSettings};
 use crate::metrics::Metrics;
-use crate::mirror::Mirror;
+use crate::mirror::{Mirror, Schedules};
 use crate::pullthrough::PullThrough;
 use crate::storage::Store;
 use crate::systemd::Notifier;
@@ -27,6 +27,9 @@ use crate::upstream::{UpstreamSet, Upstreams};
 
 /// How often access times are flushed and the size budget checked, at the latest.
 const MAINTENANCE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The configuration in force, which a reload replaces.
+pub type Applied = Arc<std::sync::Mutex<Arc<Config>>>;
 
 /// A running server.
 pub struct Daemon {
@@ -41,12 +44,16 @@ pub struct Daemon {
     pull_through: Arc<PullThrough>,
     /// Cached central logins (`auth.central`), whose client a reload may replace.
     central: Option<Arc<CentralAuth>>,
+    /// The mirror service and its schedules, whose jobs a reload may replace.
+    mirror: Mirror,
+    schedules: Arc<Schedules>,
     tls: Option<TlsSettings>,
     auth: Authenticator,
     store: Store,
     config: Arc<Config>,
-    /// The configuration last applied: the start-up one, then each accepted reload's.
-    applied: std::sync::Mutex<Arc<Config>>,
+    /// The configuration last applied: the start-up one, then each accepted reload's
+    /// (shared with the admin socket).
+    applied: Applied,
 }
 
 /// Removes upload sessions idle for longer than `timeout`, every half of it (between 1 s
@@ -77,29 +84,17 @@ struct Staged {
 }
 
 /// Loads and validates the configuration at `path` for a reload: its issuer keys, and its
-/// upstreams built (credential and CA files read) beside the running ones. Every upstream
-/// that settings waiting for a restart use (`auth.central`, mirror jobs) must still be
-/// configured.
+/// upstreams built (credential and CA files read) beside the running ones. The running
+/// `auth.central` upstream (its change needs a restart) must still be configured.
 fn prepare_reload(path: &Path, upstreams: &Upstreams, running: &Config) -> anyhow::Result<Staged> {
     let config = Config::load(path)?;
-    let needed = running
-        .auth
-        .central
-        .iter()
-        .map(|name| (name, "auth.central".to_owned()))
-        .chain(
-            running
-                .mirrors
-                .iter()
-                .map(|m| (&m.upstream, format!("mirror job {:?}", m.name))),
+    if let Some(central) = &running.auth.central
+        && !config.upstreams.iter().any(|u| &u.name == central)
+    {
+        anyhow::bail!(
+            "the new file removes the upstream {central:?}, which auth.central uses \
+             (a change of auth.central needs a restart)"
         );
-    for (name, user) in needed {
-        if !config.upstreams.iter().any(|u| &u.name == name) {
-            anyhow::bail!(
-                "the new file removes the upstream {name:?}, which the running {user} uses \
-                 (a change of auth.central or [[mirror]] needs a restart)"
-            );
-        }
     }
     let staged = upstreams
         .stage(&config)
@@ -317,15 +312,16 @@ impl Daemon {
             &config.storage.path.join("instance.id"),
             "instance id",
         )?);
-        let schedules = tokio::spawn({
-            let (mirror, shutdown) = (mirror.clone(), shutdown.clone());
+        let schedules = Arc::new(Schedules::new(mirror.clone(), instance, shutdown.clone()));
+        let scheduling = tokio::spawn({
+            let (schedules, shutdown) = (schedules.clone(), shutdown.clone());
             async move {
-                let tasks = tokio_util::task::TaskTracker::new();
-                crate::mirror::start_schedules(mirror, &instance, &tasks, &shutdown).await;
-                tasks.close();
-                tasks.wait().await;
+                schedules.apply().await;
+                shutdown.cancelled().await;
+                schedules.wait().await;
             }
         });
+        let applied: Applied = Arc::new(std::sync::Mutex::new(config.clone()));
         let maintenance = tokio::spawn({
             let (cache, shutdown) = (cache.clone(), shutdown.clone());
             let budget = config.storage.max_size;
@@ -345,11 +341,11 @@ impl Daemon {
         ));
         let admin = tokio::spawn({
             let path = crate::admin::socket_path(&config);
-            let (store, config) = (store.clone(), config.clone());
+            let (store, applied, mirror) = (store.clone(), applied.clone(), mirror.clone());
             let (auth, shutdown) = (auth.clone(), shutdown.clone());
             async move {
                 if let Err(e) =
-                    crate::admin::serve(path, store, config, auth, mirror, shutdown).await
+                    crate::admin::serve(path, store, applied, auth, mirror, shutdown).await
                 {
                     tracing::error!(error = %e, "admin socket failed; CLI commands need the daemon stopped");
                 }
@@ -397,13 +393,15 @@ impl Daemon {
             tls_addrs,
             shutdown,
             task,
-            background: vec![maintenance, admin, keys, schedules, reaper],
+            background: vec![maintenance, admin, keys, scheduling, reaper],
             pull_through: cache,
             central,
+            mirror,
+            schedules,
             tls,
             auth,
             store,
-            applied: std::sync::Mutex::new(config.clone()),
+            applied,
             config,
         })
     }
@@ -422,9 +420,9 @@ impl Daemon {
     /// one, then the TLS certificates and the revocation file (which is also re-read on
     /// its own whenever it changes). A new configuration is validated whole first; an
     /// invalid one is refused and logged, and the running one stays. Of a valid one,
-    /// issuer keys, `[[access]]` rules and `auth.token_ttl` apply at once (requests in
-    /// flight finish as they started); other changed settings are logged as waiting for
-    /// a restart.
+    /// issuer keys, `[[access]]` rules, `auth.token_ttl`, upstreams and mirror jobs apply
+    /// at once (requests, transfers and mirror runs in flight finish as they started);
+    /// other changed settings are logged as waiting for a restart.
     pub async fn reload(&self, source: Option<&Path>) {
         if let Some(path) = source {
             self.reload_config(path).await;
@@ -481,50 +479,72 @@ impl Daemon {
                 return;
             }
         };
-        let mut applied = self
-            .applied
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let new = staged.config;
-        let plan = ReloadPlan::new(&applied, &new);
-        self.auth
-            .reload(staged.issuers, new.policy.clone(), new.auth.token_ttl);
-        let changes = staged.upstreams.changes(&upstreams);
-        upstreams.install(staged.upstreams);
-        if let Some(central) = &self.central
-            && changes.changed.iter().any(|n| n == central.registry())
-            && let Some(handle) = upstreams.by_name(central.registry())
-        {
-            central.replace_client(handle.client().clone());
-        }
-        if !changes.is_empty() {
+        let jobs = {
+            let mut applied = self
+                .applied
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let new = staged.config;
+            let plan = ReloadPlan::new(&applied, &new);
+            self.auth
+                .reload(staged.issuers, new.policy.clone(), new.auth.token_ttl);
+            let changes = staged.upstreams.changes(&upstreams);
+            upstreams.install(staged.upstreams);
+            if let Some(central) = &self.central
+                && changes.changed.iter().any(|n| n == central.registry())
+                && let Some(handle) = upstreams.by_name(central.registry())
+            {
+                central.replace_client(handle.client().clone());
+            }
+            if !changes.is_empty() {
+                tracing::info!(
+                    added = ?changes.added,
+                    changed = ?changes.changed,
+                    removed = ?changes.removed,
+                    "upstreams reloaded: new requests use the new settings, requests in flight finish with the old"
+                );
+            }
+            let jobs = Changes::between(
+                &applied.mirrors,
+                &new.mirrors,
+                |j| &j.name,
+                |a, b| format!("{a:?}") == format!("{b:?}"),
+            );
+            if !jobs.is_empty() {
+                self.mirror.set_jobs(new.mirrors.clone());
+                tracing::info!(
+                    added = ?jobs.added,
+                    changed = ?jobs.changed,
+                    removed = ?jobs.removed,
+                    "mirror jobs reloaded: runs in progress finish with the old settings"
+                );
+            }
+            if !plan.restart.is_empty() {
+                tracing::warn!(
+                    changed = ?plan.restart,
+                    "configuration reload: these settings changed and take effect at the next restart"
+                );
+            }
             tracing::info!(
-                added = ?changes.added,
-                changed = ?changes.changed,
-                removed = ?changes.removed,
-                "upstreams reloaded: new requests use the new settings, requests in flight finish with the old"
+                config = %path.display(),
+                applied = ?plan.applied,
+                issuer_keys = new.auth.issuer_keys.len(),
+                "configuration reloaded"
             );
+            // What waits for a restart keeps its running value: only what was applied moves.
+            let mut next = (**applied).clone();
+            next.auth.issuer_keys = new.auth.issuer_keys.clone();
+            next.auth.token_ttl = new.auth.token_ttl;
+            next.access = new.access.clone();
+            next.policy = new.policy.clone();
+            next.upstreams = new.upstreams.clone();
+            next.mirrors = new.mirrors.clone();
+            *applied = Arc::new(next);
+            jobs
+        };
+        if !jobs.is_empty() {
+            self.schedules.apply().await;
         }
-        if !plan.restart.is_empty() {
-            tracing::warn!(
-                changed = ?plan.restart,
-                "configuration reload: these settings changed and take effect at the next restart"
-            );
-        }
-        tracing::info!(
-            config = %path.display(),
-            applied = ?plan.applied,
-            issuer_keys = new.auth.issuer_keys.len(),
-            "configuration reloaded"
-        );
-        // What waits for a restart keeps its running value: only what was applied moves.
-        let mut next = (**applied).clone();
-        next.auth.issuer_keys = new.auth.issuer_keys.clone();
-        next.auth.token_ttl = new.auth.token_ttl;
-        next.access = new.access.clone();
-        next.policy = new.policy.clone();
-        next.upstreams = new.upstreams.clone();
-        *applied = Arc::new(next);
     }
 
     /// Stops accepting, drains connections (bounded by the grace period) and returns.

@@ -248,3 +248,67 @@ async fn upstreams_change_by_reload_with_a_pull_through_download_in_flight() {
     let got = download.await.expect("download task");
     assert_eq!(Digest::sha256_of(&got), layer);
 }
+
+/// `[[mirror]]` changes apply on reload: a removed job's schedule is retired, an added
+/// job is scheduled, and `outpost mirror run` / `status` (through the running daemon)
+/// know the new job at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_jobs_change_by_reload_and_the_daemon_runs_the_new_one() {
+    use common::upstream::{UpstreamOptions, UpstreamRegistry};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let central = UpstreamRegistry::start(&dir.path().join("central"), UpstreamOptions::default());
+    let mut layout = Layout::new(&dir.path().join("image"));
+    let (md, ms, _) = layout.image(5, &[3000], "amd64");
+    layout.tag(OCI_MANIFEST, &md, ms, "v3");
+    central.push_layout(&layout.dir, "team/app:v3");
+
+    let job = |name: &str| {
+        format!(
+            "[[mirror]]\nname = \"{name}\"\nupstream = \"central.corp\"\n\
+             repositories = [\"team/app\"]\ntags = [\"v*\"]\nschedule = \"0 2 * * *\"\n"
+        )
+    };
+    let base = format!(
+        "[[upstream]]\nname = \"central.corp\"\nurl = \"{}\"\n\
+         [[access]]\nrepositories = [\"central.corp/**\"]\nanonymous = [\"pull\"]\n",
+        central.url()
+    );
+    let issuer = Issuer::new(&dir.path().join("keys"));
+    let server = Server::start_process(dir.path(), &issuer, &format!("{base}{}", job("old")));
+    server.wait_for_log("mirror job scheduled", 1);
+
+    let text = std::fs::read_to_string(&server.config).expect("config");
+    std::fs::write(&server.config, text.replace(&job("old"), &job("new"))).expect("write");
+    server.hup();
+    let logs = server.wait_for_log("mirror jobs reloaded", 1);
+    assert!(
+        logs.contains(r#"added=["new"]"#) && logs.contains(r#"removed=["old"]"#),
+        "{logs}"
+    );
+    let logs = server.wait_for_log("mirror job scheduled", 2);
+    assert!(logs.contains("mirror job schedule retired"), "{logs}");
+
+    let config = server.config.to_str().expect("utf8").to_owned();
+    let out = outpost(&["mirror", "run", "--config", &config, "new"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs = server.wait_for_log("mirror run started", 1);
+    assert!(logs.contains("job=new"), "the daemon ran it: {logs}");
+    let r = client()
+        .get(server.url("/v2/central.corp/team/app/manifests/v3"))
+        .header("Accept", OCI_MANIFEST)
+        .send()
+        .await
+        .expect("pull");
+    assert_eq!(r.status(), 200);
+    let status = outpost(&["mirror", "status", "--config", &config]);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains("new") && !status.contains("old"),
+        "{status}"
+    );
+}

@@ -21,7 +21,7 @@ use crate::mirror::select::FilterSpec;
 use crate::mirror::{MirrorJob, RepoSelector, TagFilter, valid_job_name};
 use crate::oci::RepoName;
 
-pub use reload::ReloadPlan;
+pub use reload::{Changes, ReloadPlan};
 pub use units::{parse_duration, parse_size};
 
 /// The embedded default configuration.

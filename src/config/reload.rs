@@ -1,6 +1,7 @@
 //! What a configuration reload (SIGHUP) changes: the settings applied in place, and the
-//! ones that take effect only at the next restart, each named for the log. Pure: the
-//! daemon applies the plan.
+//! ones that take effect only at the next restart, each named for the log; and which
+//! named entries (upstreams, mirror jobs) it adds, changes and removes. Pure: the daemon
+//! applies the plan.
 
 use super::Config;
 
@@ -63,7 +64,7 @@ impl ReloadPlan {
                 differs(&old.upstreams, &new.upstreams),
                 true,
             ),
-            ("[[mirror]]", differs(&old.mirrors, &new.mirrors), false),
+            ("[[mirror]]", differs(&old.mirrors, &new.mirrors), true),
         ] {
             if changed {
                 if live {
@@ -74,6 +75,44 @@ impl ReloadPlan {
             }
         }
         plan
+    }
+}
+
+/// Named entries a reload adds, changes or removes, by name, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl Changes {
+    /// Compares `old` and `new` entries, matched by `name`; `same` tells unchanged ones.
+    pub fn between<T>(
+        old: &[T],
+        new: &[T],
+        name: impl Fn(&T) -> &str,
+        same: impl Fn(&T, &T) -> bool,
+    ) -> Changes {
+        let find = |list: &'_ [T], wanted: &str| list.iter().position(|e| name(e) == wanted);
+        let mut changes = Changes::default();
+        for n in new {
+            match find(old, name(n)) {
+                None => changes.added.push(name(n).to_owned()),
+                Some(i) if !same(&old[i], n) => changes.changed.push(name(n).to_owned()),
+                Some(_) => {}
+            }
+        }
+        for o in old {
+            if find(new, name(o)).is_none() {
+                changes.removed.push(name(o).to_owned());
+            }
+        }
+        changes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
     }
 }
 
@@ -109,6 +148,34 @@ mod tests {
         )
         .expect("moved");
         assert_eq!(ReloadPlan::new(&old, &moved).restart, vec!["[server]"]);
+        let mirrored = Config::from_toml(&format!(
+            "{BASE}[[mirror]]\nname=\"apps\"\nupstream=\"docker.io\"\n\
+             repositories=[\"team/app\"]\ntags=[\"v*\"]\n"
+        ))
+        .expect("mirrored");
+        assert_eq!(
+            ReloadPlan::new(&old, &mirrored),
+            ReloadPlan {
+                applied: vec!["[[mirror]]"],
+                restart: Vec::new()
+            }
+        );
         assert_eq!(ReloadPlan::new(&old, &old), ReloadPlan::default());
+    }
+
+    #[test]
+    fn changes_are_named_added_changed_and_removed() {
+        let old = [("a", 1), ("b", 2), ("c", 3)];
+        let new = [("b", 2), ("a", 9), ("d", 4)];
+        let changes = Changes::between(&old, &new, |e| e.0, |x, y| x.1 == y.1);
+        assert_eq!(
+            changes,
+            Changes {
+                added: vec!["d".to_owned()],
+                changed: vec!["a".to_owned()],
+                removed: vec!["c".to_owned()],
+            }
+        );
+        assert!(Changes::between(&old, &old, |e| e.0, |x, y| x.1 == y.1).is_empty());
     }
 }

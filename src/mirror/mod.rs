@@ -9,7 +9,8 @@
 //! - this file: the texts `outpost mirror run` and `status` print.
 //!
 //! - `scheduler`: runs jobs with a `schedule` in the daemon (cron in UTC, the site's
-//!   jitter, one catch-up run for missed slots, retries with backoff).
+//!   jitter, one catch-up run for missed slots, retries with backoff), and re-plans
+//!   them when a configuration reload changes the jobs.
 //!
 //! - `bandwidth`: the job's token bucket; `progress`: live progress events and their
 //!   display for `outpost mirror run`.
@@ -29,7 +30,7 @@ use crate::storage::MirrorRunRecord;
 pub use platform::Platform;
 pub use run::{JobReport, Mirror};
 pub use schedule::Cron;
-pub(crate) use scheduler::start as start_schedules;
+pub(crate) use scheduler::Schedules;
 pub use select::TagFilter;
 
 /// A repository entry of a job: an explicit name at the upstream, or a glob that needs the

@@ -18,7 +18,7 @@
 //! released (unpinned, and with `prune` no longer served).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -106,7 +106,8 @@ pub struct Mirror {
 struct Inner {
     store: Store,
     upstreams: Upstreams,
-    jobs: Vec<MirrorJob>,
+    /// The configured jobs; a configuration reload replaces them ([`Mirror::set_jobs`]).
+    jobs: RwLock<Arc<Vec<MirrorJob>>>,
     metrics: Arc<Metrics>,
     /// The central login service: learns which mirrored repositories are anonymous.
     central: Option<Arc<CentralAuth>>,
@@ -208,7 +209,7 @@ impl Mirror {
             inner: Arc::new(Inner {
                 store,
                 upstreams,
-                jobs,
+                jobs: RwLock::new(Arc::new(jobs)),
                 metrics,
                 central,
                 running: Mutex::default(),
@@ -225,14 +226,14 @@ impl Mirror {
         names: &[String],
         progress: Option<&Sender>,
     ) -> Result<Vec<JobReport>, MirrorError> {
+        let configured = self.jobs();
         let jobs: Vec<&MirrorJob> = if names.is_empty() {
-            self.inner.jobs.iter().collect()
+            configured.iter().collect()
         } else {
             names
                 .iter()
                 .map(|n| {
-                    self.inner
-                        .jobs
+                    configured
                         .iter()
                         .find(|j| &j.name == n)
                         .ok_or_else(|| MirrorError::UnknownJob(n.clone()))
@@ -258,8 +259,9 @@ impl Mirror {
                 return;
             }
         };
+        let jobs = self.jobs();
         for (job, repo) in held {
-            if self.inner.jobs.iter().any(|j| j.name == job) {
+            if jobs.iter().any(|j| j.name == job) {
                 continue;
             }
             let Ok(name) = repo.parse::<RepoName>() else {
@@ -285,7 +287,8 @@ impl Mirror {
     /// Runs job `name` for schedule slot `slot` (recorded, whether the run succeeds or
     /// not). Returns whether every selected tag was mirrored.
     pub(crate) async fn run_slot(&self, name: &str, slot: u64) -> bool {
-        let Some(job) = self.inner.jobs.iter().find(|j| j.name == name) else {
+        let jobs = self.jobs();
+        let Some(job) = jobs.iter().find(|j| j.name == name) else {
             return false;
         };
         self.run_job(job, &RunState::default(), Some(slot), None)
@@ -293,9 +296,23 @@ impl Mirror {
             .ok()
     }
 
-    /// The jobs this service runs.
-    pub(crate) fn jobs(&self) -> &[MirrorJob] {
-        &self.inner.jobs
+    /// The jobs this service runs now. A run keeps the jobs it started with.
+    pub(crate) fn jobs(&self) -> Arc<Vec<MirrorJob>> {
+        self.inner
+            .jobs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs `jobs` from now on (a configuration reload); runs in progress finish with
+    /// the settings they started with.
+    pub(crate) fn set_jobs(&self, jobs: Vec<MirrorJob>) {
+        *self
+            .inner
+            .jobs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(jobs);
     }
 
     /// The last schedule slot job `name` ran for, from its durable run record.

@@ -3,17 +3,21 @@
 //! after start-up, and retries a failed run with backoff until the next slot comes.
 //!
 //! A job never overlaps itself: its slots run one after the other here, and the mirror
-//! service refuses a manual run of a job that is running. The last slot run is durable
+//! service refuses a manual run of a job that is running. A reload that changes or
+//! removes a job retires its schedule once no run is in progress; a new or changed job
+//! gets a schedule of its own. The last slot run is durable
 //! (in the job's run record), so a restart neither repeats it nor forgets a missed one.
 //! Time is the wall clock as `crate::clock::Clock` reads it, so tests drive schedules
 //! with tokio's paused time.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::schedule::{Backoff, Cron};
 use crate::clock::Clock;
@@ -68,63 +72,130 @@ pub(crate) fn next_run(cron: &Cron, offset: u64, last_slot: Option<u64>, now: u6
 pub(crate) type RunSlot =
     Arc<dyn Fn(u64) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
-/// Runs the schedule of every job that has one until `shutdown`, each job in a task of
-/// `tasks`. `instance` is this site's stable id, which places it in each job's jitter
-/// window.
-pub(crate) async fn start(
+/// The daemon's schedule tasks: one per job with a `schedule`, each in a task of its
+/// own, started at start-up and brought in line with the jobs after a configuration
+/// reload ([`Schedules::apply`]).
+pub(crate) struct Schedules {
     mirror: super::Mirror,
-    instance: &str,
-    tasks: &tokio_util::task::TaskTracker,
-    shutdown: &CancellationToken,
-) {
-    let clock = Clock::new();
-    mirror.release_removed_jobs().await;
-    for job in mirror.jobs() {
-        let Some(cron) = job.schedule.clone() else {
-            continue;
-        };
-        let offset = super::schedule::jitter_offset(instance, &job.name, job.jitter).as_secs();
-        let last = match mirror.last_slot(&job.name).await {
-            Ok(last) => last,
-            Err(e) => {
-                tracing::warn!(job = %job.name, error = %e, "reading the last mirror run failed");
-                None
+    /// This site's stable id: it places the site in each job's jitter window.
+    instance: String,
+    clock: Clock,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    /// Each scheduled job, by name: its settings as scheduled, and the token that
+    /// retires its task.
+    active: tokio::sync::Mutex<HashMap<String, (String, CancellationToken)>>,
+}
+
+/// A job's settings, to tell a changed job from an unchanged one.
+fn settings(job: &super::MirrorJob) -> String {
+    format!("{job:?}")
+}
+
+impl Schedules {
+    pub(crate) fn new(
+        mirror: super::Mirror,
+        instance: String,
+        shutdown: CancellationToken,
+    ) -> Schedules {
+        Schedules {
+            mirror,
+            instance,
+            clock: Clock::new(),
+            tasks: TaskTracker::new(),
+            shutdown,
+            active: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Brings the schedule tasks in line with the mirror service's jobs: retires the task
+    /// of a job that is gone, changed or no longer scheduled (a run in progress finishes
+    /// first), starts one for each new or changed job with a schedule, and releases what
+    /// jobs that are gone had pinned.
+    pub(crate) async fn apply(&self) {
+        self.mirror.release_removed_jobs().await;
+        let jobs = self.mirror.jobs();
+        let mut active = self.active.lock().await;
+        active.retain(|name, (scheduled, retire)| {
+            let keep = jobs
+                .iter()
+                .any(|j| &j.name == name && j.schedule.is_some() && settings(j) == *scheduled);
+            if !keep {
+                tracing::info!(job = %name, "mirror job schedule retired");
+                retire.cancel();
             }
-        };
-        let name = job.name.clone();
-        tracing::info!(job = %name, schedule = %cron, jitter_s = offset, "mirror job scheduled");
-        let run: RunSlot = {
-            let mirror = mirror.clone();
-            Arc::new(move |slot| {
-                let (mirror, name) = (mirror.clone(), name.clone());
-                Box::pin(async move { mirror.run_slot(&name, slot).await })
-            })
-        };
-        tasks.spawn(schedule_job(
-            cron,
-            offset,
-            last,
-            clock,
-            run,
-            shutdown.clone(),
-        ));
+            keep
+        });
+        for job in jobs.iter() {
+            let Some(cron) = job.schedule.clone() else {
+                continue;
+            };
+            if active.contains_key(&job.name) {
+                continue;
+            }
+            let offset =
+                super::schedule::jitter_offset(&self.instance, &job.name, job.jitter).as_secs();
+            let last = match self.mirror.last_slot(&job.name).await {
+                Ok(last) => last,
+                Err(e) => {
+                    tracing::warn!(job = %job.name, error = %e, "reading the last mirror run failed");
+                    None
+                }
+            };
+            let name = job.name.clone();
+            tracing::info!(job = %name, schedule = %cron, jitter_s = offset, "mirror job scheduled");
+            let run: RunSlot = {
+                let mirror = self.mirror.clone();
+                Arc::new(move |slot| {
+                    let (mirror, name) = (mirror.clone(), name.clone());
+                    Box::pin(async move { mirror.run_slot(&name, slot).await })
+                })
+            };
+            let retire = self.shutdown.child_token();
+            active.insert(job.name.clone(), (settings(job), retire.clone()));
+            self.tasks.spawn(schedule_job(
+                cron,
+                offset,
+                last,
+                self.clock,
+                run,
+                Stop {
+                    shutdown: self.shutdown.clone(),
+                    retire,
+                },
+            ));
+        }
+    }
+
+    /// Waits until every schedule task has ended (after shutdown).
+    pub(crate) async fn wait(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 
-/// Runs a job's schedule until `shutdown`.
-pub(crate) async fn schedule_job(
+/// How a schedule task ends: `shutdown` abandons a run in progress (the daemon stops);
+/// `retire` (a child of `shutdown`) ends the task once no run is in progress (a reload
+/// changed or removed the job).
+struct Stop {
+    shutdown: CancellationToken,
+    retire: CancellationToken,
+}
+
+/// Runs a job's schedule until it is stopped.
+async fn schedule_job(
     cron: Cron,
     offset: u64,
     mut last_slot: Option<u64>,
     clock: Clock,
     run: RunSlot,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) {
     loop {
         let Some(plan) = next_run(&cron, offset, last_slot, clock.now_secs()) else {
             return;
         };
-        if !sleep_until(&clock, plan.at, &shutdown).await {
+        if !sleep_until(&clock, plan.at, &stop.retire).await {
             return;
         }
         let mut attempt = 0;
@@ -133,16 +204,16 @@ pub(crate) async fn schedule_job(
             // flips, and the next start catches the slot up.
             let ok = tokio::select! {
                 ok = run(plan.slot) => ok,
-                _ = shutdown.cancelled() => return,
+                _ = stop.shutdown.cancelled() => return,
             };
-            if ok {
+            if ok || stop.retire.is_cancelled() {
                 break;
             }
             let retry = RETRIES.retry_at(clock.now_secs(), attempt, cron.next_after(plan.slot));
             let Some(at) = retry else {
                 break;
             };
-            if !sleep_until(&clock, at, &shutdown).await {
+            if !sleep_until(&clock, at, &stop.retire).await {
                 return;
             }
             attempt += 1;
@@ -209,6 +280,13 @@ mod tests {
         );
     }
 
+    fn stops(shutdown: &CancellationToken) -> Stop {
+        Stop {
+            shutdown: shutdown.clone(),
+            retire: shutdown.child_token(),
+        }
+    }
+
     /// The slots run, with the (clock) times they started.
     type Seen = Arc<Mutex<Vec<(u64, u64)>>>;
 
@@ -246,7 +324,7 @@ mod tests {
         let stop = CancellationToken::new();
         let cron = nightly();
         let first = cron.next_after(clock.now_secs()).expect("slot");
-        let task = tokio::spawn(schedule_job(cron, 900, None, clock, run, stop.clone()));
+        let task = tokio::spawn(schedule_job(cron, 900, None, clock, run, stops(&stop)));
         let got = until_runs(&seen, 2).await;
         stop.cancel();
         let _ = task.await;
@@ -274,7 +352,7 @@ mod tests {
         let newest = if newest > now { newest - DAY } else { newest };
         // Last ran four nights ago.
         let last = newest - 4 * DAY;
-        let task = tokio::spawn(schedule_job(cron, 60, Some(last), clock, run, stop.clone()));
+        let task = tokio::spawn(schedule_job(cron, 60, Some(last), clock, run, stops(&stop)));
         let got = until_runs(&seen, 2).await;
         stop.cancel();
         let _ = task.await;
@@ -293,7 +371,7 @@ mod tests {
         let stop = CancellationToken::new();
         let cron = nightly();
         let first = cron.next_after(clock.now_secs()).expect("slot");
-        let task = tokio::spawn(schedule_job(cron, 0, None, clock, run, stop.clone()));
+        let task = tokio::spawn(schedule_job(cron, 0, None, clock, run, stops(&stop)));
         let got = until_runs(&seen, 4).await;
         stop.cancel();
         let _ = task.await;
@@ -304,5 +382,112 @@ mod tests {
             (60..90).contains(&waits[0]) && (120..150).contains(&waits[1]),
             "backoff doubles from one minute: {waits:?}"
         );
+    }
+
+    /// A retired schedule lets the run in progress finish, then ends without another.
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_schedule_finishes_its_run_and_ends() {
+        let clock = Clock::new();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let started = Arc::new(Mutex::new(Some(started_tx)));
+        let finish = Arc::new(tokio::sync::Notify::new());
+        let finished = Arc::new(Mutex::new(0));
+        let run: RunSlot = {
+            let (finish, finished) = (finish.clone(), finished.clone());
+            Arc::new(move |_slot| {
+                let (started, finish, finished) =
+                    (started.clone(), finish.clone(), finished.clone());
+                Box::pin(async move {
+                    if let Some(tx) = started.lock().expect("lock").take() {
+                        let _ = tx.send(());
+                    }
+                    finish.notified().await;
+                    *finished.lock().expect("lock") += 1;
+                    true
+                })
+            })
+        };
+        let shutdown = CancellationToken::new();
+        let stop = stops(&shutdown);
+        let retire = stop.retire.clone();
+        let task = tokio::spawn(schedule_job(nightly(), 0, None, clock, run, stop));
+        started_rx.await.expect("the first slot's run started");
+        retire.cancel();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!task.is_finished(), "the run in progress was not abandoned");
+        finish.notify_one();
+        task.await.expect("schedule task");
+        assert_eq!(
+            *finished.lock().expect("lock"),
+            1,
+            "finished, and no other run"
+        );
+    }
+
+    /// A reload's jobs: a job whose schedule moved runs at the new time only, a removed
+    /// job no more, an added one at its slot.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_moves_retires_and_adds_schedules() {
+        use crate::config::Config;
+        use crate::metrics::Metrics;
+        use crate::storage::Store;
+        use crate::upstream::Upstreams;
+
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path(), 1 << 20).expect("store");
+        let config = |jobs: &[(&str, &str)]| {
+            let jobs: String = jobs
+                .iter()
+                .map(|(name, cron)| {
+                    format!(
+                        "[[mirror]]\nname=\"{name}\"\nupstream=\"central.corp\"\n\
+                         repositories=[\"team/app\"]\ntags=[\"v*\"]\n\
+                         schedule=\"{cron}\"\njitter=\"0s\"\n"
+                    )
+                })
+                .collect();
+            // Nothing listens there: every run fails at once, and is recorded.
+            Config::from_toml(&format!(
+                "[server]\nlisten=[\"127.0.0.1:0\"]\npublic_url=\"http://x\"\n\
+                 [storage]\npath=\"x\"\n\
+                 [[upstream]]\nname=\"central.corp\"\nurl=\"http://127.0.0.1:1\"\n{jobs}"
+            ))
+            .expect("config")
+        };
+        let before = config(&[("moved", "0 2 * * *"), ("removed", "0 2 * * *")]);
+        let upstreams = Upstreams::new(&before).expect("upstreams");
+        let mirror = super::super::Mirror::new(
+            store,
+            upstreams,
+            before.mirrors.clone(),
+            Arc::new(Metrics::new()),
+            None,
+        );
+        let shutdown = CancellationToken::new();
+        let schedules = Schedules::new(mirror.clone(), "site".to_owned(), shutdown.clone());
+        schedules.apply().await;
+
+        let after = config(&[("moved", "0 3 * * *"), ("added", "30 2 * * *")]);
+        mirror.set_jobs(after.mirrors.clone());
+        schedules.apply().await;
+
+        let clock = Clock::new();
+        let two = nightly().next_after(clock.now_secs()).expect("02:00");
+        let until = |at: u64| Duration::from_secs(at - clock.now_secs());
+        tokio::time::sleep(until(two + 2700)).await;
+        assert_eq!(mirror.last_slot("moved").await.expect("read"), None);
+        assert_eq!(mirror.last_slot("removed").await.expect("read"), None);
+        assert_eq!(
+            mirror.last_slot("added").await.expect("read"),
+            Some(two + 1800)
+        );
+        tokio::time::sleep(until(two + 3600 + 1800)).await;
+        assert_eq!(
+            mirror.last_slot("moved").await.expect("read"),
+            Some(two + 3600),
+            "at its new time"
+        );
+        shutdown.cancel();
+        schedules.wait().await;
     }
 }

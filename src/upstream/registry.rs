@@ -4,8 +4,8 @@
 //! configuration reload replaces the set in one step, keeping every unchanged client.
 //!
 //! Owns the lookup of an upstream by its configured name, or by any host clients may
-//! write for it (name, aliases, Docker Hub's historic hosts). Upstreams are named by an
-//! [`UpstreamId`] or carried as an [`UpstreamHandle`]; never by a position in the
+//! write for it (name, aliases, Docker Hub's historic hosts). Upstreams are carried as an
+//! [`UpstreamHandle`] (or named by their configured name); never by a position in the
 //! configuration. Building it reads the credential and CA files; it opens no connection.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::{Upstream, UpstreamError};
-use crate::config::Config;
+use crate::config::{Changes, Config};
 
 /// One upstream client, never reused for another (a changed upstream gets a new id at a
 /// reload). Cheap to copy and compare; only the registry makes them.
@@ -126,39 +126,16 @@ impl Set {
         })
     }
 
-    /// What differs from `previous`, by upstream name: added, changed, removed.
-    pub fn changes(&self, previous: &Upstreams) -> UpstreamChanges {
-        let old = previous.snapshot();
-        let named = |set: &Set, name: &str| set.handles.iter().find(|h| h.name() == name).cloned();
-        let mut changes = UpstreamChanges::default();
-        for h in &self.handles {
-            match named(&old, h.name()) {
-                None => changes.added.push(h.name().to_owned()),
-                // Every setting is in a client's digest: a change makes a new client.
-                Some(o) if o.id != h.id => changes.changed.push(h.name().to_owned()),
-                Some(_) => {}
-            }
-        }
-        for o in &old.handles {
-            if named(self, o.name()).is_none() {
-                changes.removed.push(o.name().to_owned());
-            }
-        }
-        changes
-    }
-}
-
-/// Upstreams a reload adds, changes (settings or credential and CA files) or removes.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct UpstreamChanges {
-    pub added: Vec<String>,
-    pub changed: Vec<String>,
-    pub removed: Vec<String>,
-}
-
-impl UpstreamChanges {
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    /// What differs from `previous`, by upstream name: added, changed (settings or
+    /// credential and CA files), removed.
+    pub fn changes(&self, previous: &Upstreams) -> Changes {
+        // Every setting is in a client's digest: a change makes a new client.
+        Changes::between(
+            &previous.snapshot().handles,
+            &self.handles,
+            |h| h.name(),
+            |a, b| a.id == b.id,
+        )
     }
 }
 
@@ -344,7 +321,7 @@ mod tests {
         let staged = u.stage(&new).expect("staged");
         assert_eq!(
             staged.changes(&u),
-            UpstreamChanges {
+            Changes {
                 added: vec!["d.corp".to_owned()],
                 changed: vec!["a.corp".to_owned()],
                 removed: vec!["c.corp".to_owned()],
