@@ -149,7 +149,8 @@ async fn manifest_status(server: &Server, repo: &str, tag: &str) -> (u16, String
 
 /// `[[upstream]]` changes apply on reload: a changed URL takes new pulls to the new
 /// registry while a download started before finishes, an added upstream serves at once,
-/// a removed one answers NAME_UNKNOWN; the log names each change.
+/// a removed one answers NAME_UNKNOWN and leaves the health metrics; the log names each
+/// change.
 #[tokio::test(flavor = "multi_thread")]
 async fn upstreams_change_by_reload_with_a_pull_through_download_in_flight() {
     use common::upstream::{UpstreamOptions, UpstreamRegistry};
@@ -227,6 +228,8 @@ async fn upstreams_change_by_reload_with_a_pull_through_download_in_flight() {
         manifest_status(&server, "other.corp/app", "v1").await.0,
         200
     );
+    let other_up = r#"outpost_upstream_up{upstream="other.corp"}"#;
+    assert!(metrics_text(&server).await.contains(other_up));
 
     // other.corp is removed again: containerd's `?ns=other.corp` is unknown from now on,
     // and the path form names a (missing) hosted repository, as at a fresh start.
@@ -241,6 +244,11 @@ async fn upstreams_change_by_reload_with_a_pull_through_download_in_flight() {
     assert_eq!(
         manifest_status(&server, "other.corp/app", "v1").await,
         (404, "MANIFEST_UNKNOWN".to_owned())
+    );
+    let metrics = metrics_text(&server).await;
+    assert!(
+        !metrics.contains(other_up) && metrics.contains(r#"upstream="site.corp""#),
+        "a removed upstream's health series goes: {metrics}"
     );
 
     // The download that started before both reloads completes, byte for byte.

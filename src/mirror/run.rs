@@ -590,7 +590,7 @@ impl Mirror {
         if !central.is_central(upstream.name()) {
             return;
         }
-        if central.learns_anonymous() {
+        if !upstream.client().has_credentials() {
             // The tag list was just served to Outpost's anonymous client.
             central.learn_anonymous(remote).await;
         } else {

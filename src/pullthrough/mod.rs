@@ -162,13 +162,15 @@ pub struct PullThrough {
     /// Notified whenever a download is committed.
     committed: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
-    /// The central login service, when its upstream is fetched from anonymously: it
-    /// learns which repositories the central registry serves to anyone.
+    /// The central login service: it learns which repositories the central registry
+    /// serves to anyone, from what it serves Outpost's client without credentials.
     learner: Option<Arc<CentralAuth>>,
     /// Background work started by requests (central learning); waited for on close.
     tasks: TaskTracker,
     /// The time tag answers are judged fresh at.
     clock: Clock,
+    /// The upstreams whose health gauges the last scrape set.
+    exported: std::sync::Mutex<Vec<String>>,
 }
 
 /// Every manifest media type, index types first: what we ask upstreams for on behalf of
@@ -236,9 +238,10 @@ impl PullThrough {
             blobs: Arc::default(),
             committed: Arc::default(),
             metrics,
-            learner: central.filter(|c| c.learns_anonymous()),
+            learner: central,
             tasks: TaskTracker::new(),
             clock: Clock::new(),
+            exported: std::sync::Mutex::default(),
         }
     }
 
@@ -304,8 +307,10 @@ impl PullThrough {
     /// central login service remembers it (off the response path) so that anonymous
     /// pulls of it keep working while the central registry is unreachable.
     fn learn_anonymous(&self, t: &Target<'_>) {
+        // Judged by the client that asked: a reload may give the upstream credentials.
         if let Some(central) = &self.learner
             && central.is_central(t.upstream.name())
+            && !t.upstream.client().has_credentials()
         {
             let (central, remote) = (central.clone(), t.remote.clone());
             self.tasks
@@ -588,10 +593,25 @@ impl PullThrough {
 
     /// Sets the per-upstream health gauges (called when metrics are scraped).
     pub fn export_health(&self, metrics: &Metrics) {
+        let upstreams = self.upstreams.all();
         // Only upstreams configured now have series (a reload may have removed one).
-        metrics.upstream_up.clear();
-        metrics.ratelimit_remaining.clear();
-        for u in self.upstreams.all() {
+        let mut exported = self
+            .exported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in exported
+            .iter()
+            .filter(|n| !upstreams.iter().any(|u| u.name() == n.as_str()))
+        {
+            let label = UpstreamLabels {
+                upstream: gone.clone(),
+            };
+            metrics.upstream_up.remove(&label);
+            metrics.ratelimit_remaining.remove(&label);
+        }
+        *exported = upstreams.iter().map(|u| u.name().to_owned()).collect();
+        drop(exported);
+        for u in upstreams {
             let label = UpstreamLabels {
                 upstream: u.name().to_owned(),
             };
@@ -1247,6 +1267,67 @@ mod tests {
         pt.manifest(&t, &v1, None).await.expect("image");
         pt.close().await;
         assert!(central.may_list(Puller::Anonymous, &remote).await);
+        server.stop().await;
+    }
+
+    /// Regression guard: whether the central upstream was fetched from anonymously was
+    /// decided once, at start. After a reload gave it credentials, what Outpost's
+    /// authenticated client fetched would have been learned as served to anyone.
+    #[tokio::test]
+    async fn a_central_upstream_given_credentials_by_a_reload_teaches_nothing_anonymous() {
+        use crate::auth::central::Puller;
+        use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
+
+        let server = upstream(Arc::new(AtomicBool::new(false))).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (plain, metrics) = pull_through(&server.url(), dir.path());
+        let upstreams = plain.upstreams().clone();
+        let anonymous = upstreams.by_name("up.example").expect("configured");
+        let rules = CentralRules {
+            ttl: Duration::from_secs(60),
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            offline_grace: Duration::from_secs(3600),
+        };
+        let central = Arc::new(
+            CentralAuth::new(
+                anonymous.client().clone(),
+                plain.store.clone(),
+                rules,
+                metrics.clone(),
+            )
+            .expect("central"),
+        );
+        let pt = PullThrough::new(
+            plain.store.clone(),
+            upstreams.clone(),
+            metrics,
+            Some(central.clone()),
+        );
+        let password = dir.path().join("password");
+        std::fs::write(&password, "secret").expect("password");
+        let reloaded = Config::from_toml(&format!(
+            "[server]\nlisten = [\"127.0.0.1:5000\"]\npublic_url = \"http://outpost.site:5000\"\n\
+             [storage]\npath = {:?}\n[[upstream]]\nname = \"up.example\"\nurl = \"{}\"\n\
+             username = \"site\"\npassword_file = {:?}\n",
+            dir.path(),
+            server.url(),
+            password
+        ))
+        .expect("valid config");
+        upstreams.install(upstreams.stage(&reloaded).expect("staged"));
+        let with_credentials = upstreams.by_name("up.example").expect("configured");
+        assert!(with_credentials.client().has_credentials());
+
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let t = Target {
+            upstream: &with_credentials,
+            remote: &remote,
+            canonical: &canonical,
+        };
+        let v1: Reference = "v1".parse().expect("tag");
+        pt.manifest(&t, &v1, None).await.expect("image");
+        pt.close().await;
+        assert!(!central.may_list(Puller::Anonymous, &remote).await);
         server.stop().await;
     }
 }

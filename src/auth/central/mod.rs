@@ -187,12 +187,6 @@ impl CentralAuth {
             .unwrap_or_else(PoisonError::into_inner) = client;
     }
 
-    /// Whether Outpost fetches from the central registry without credentials of its own,
-    /// so that its successful pull-through shows what is served anonymously.
-    pub fn learns_anonymous(&self) -> bool {
-        !self.upstream().has_credentials()
-    }
-
     /// The central registry's name, for messages.
     pub fn registry(&self) -> &str {
         &self.name
