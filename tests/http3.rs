@@ -1,14 +1,14 @@
 //! HTTP/3 end to end, through the real binary and a real h3 + quinn client: the same API
 //! as HTTP/1.1 and HTTP/2 (auth, pulls byte-exact, ranges, a push), `Alt-Svc` on TLS
-//! responses, certificate reload on SIGHUP, and a download in flight finishing across a
-//! graceful stop.
+//! responses, certificate reload on SIGHUP, a download in flight finishing across a
+//! graceful stop, and a request answered before its end stopped as RFC 9114 says.
 
 mod common;
 
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use common::h3client::{H3, TestCert, https_client, read_body};
+use common::h3client::{H3, TestCert, https_client, read, read_body, stopped};
 use common::*;
 use http::Method;
 use outpost::oci::Digest;
@@ -245,4 +245,38 @@ async fn an_http3_download_in_flight_finishes_across_a_graceful_stop() {
     assert_eq!(Digest::sha256_of(&body), digest);
     h3.close().await;
     server.stop();
+}
+
+/// Regression guard: a GET answered before the client had finished its request stream
+/// had the stream stopped with code 0 (quinn's default), which h3 clients report as an
+/// error; RFC 9114 4.1 wants H3_NO_ERROR, after which the response stands.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_answered_before_its_end_is_stopped_with_h3_no_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let issuer = Issuer::new(&dir.path().join("issuer"));
+    let cert = TestCert::new(dir.path(), "server");
+    let port = process::free_port();
+    let server = Server::start_process(dir.path(), &issuer, &tls_section(&cert, port));
+    let udp: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut h3 = H3::connect(udp, &cert.pem())
+        .await
+        .expect("HTTP/3 connection");
+    // The head only: the request's end never comes.
+    let mut stream = h3.open(Method::GET, "/v2/", &[]).await;
+    let r = read(&mut stream).await;
+    assert_eq!(r.status, 401);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        // `stopped` fails the test on any error but H3_NO_ERROR.
+        if stopped(stream.send_data(Bytes::from_static(b"x")).await) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never stopped the request"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    h3.close().await;
+    drop(server);
 }

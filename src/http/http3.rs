@@ -186,7 +186,7 @@ async fn request(state: State, resolver: Resolver, peer: SocketAddr) {
     };
     let (mut send, recv) = stream.split();
     let bodyless = req.method() == Method::HEAD;
-    let req = req.map(|()| BodyExt::boxed(Incoming(recv)) as RequestBody);
+    let req = req.map(|()| BodyExt::boxed(Incoming(recv, false)) as RequestBody);
     let (parts, mut body) = handle(state, req, peer).await.into_parts();
     let bodyless = bodyless || parts.status.as_u16() == 204 || parts.status.as_u16() == 304;
     let head = http::Response::from_parts(parts, ());
@@ -237,8 +237,20 @@ async fn request(state: State, resolver: Resolver, peer: SocketAddr) {
     }
 }
 
-/// The request body of an HTTP/3 request: the receiving half of its stream.
-struct Incoming(RequestStream<h3_quinn::RecvStream, Bytes>);
+/// The request body of an HTTP/3 request: the receiving half of its stream, and whether
+/// it was read to its end.
+struct Incoming(RequestStream<h3_quinn::RecvStream, Bytes>, bool);
+
+impl Drop for Incoming {
+    /// A handler that answers without the rest of the request (a GET whose end has not
+    /// arrived, a refused upload) asks the client to stop sending with H3_NO_ERROR, as
+    /// RFC 9114 4.1 says; left to quinn, the stream would be stopped with code 0.
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.stop_sending(h3::error::Code::H3_NO_ERROR);
+        }
+    }
+}
 
 impl hyper::body::Body for Incoming {
     type Data = Bytes;
@@ -253,7 +265,10 @@ impl hyper::body::Body for Incoming {
                 let data = buf.copy_to_bytes(buf.remaining());
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            Ok(None) => Poll::Ready(None),
+            Ok(None) => {
+                self.1 = true;
+                Poll::Ready(None)
+            }
             Err(e) => Poll::Ready(Some(Err(io::Error::other(e)))),
         }
     }

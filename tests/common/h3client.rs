@@ -76,7 +76,7 @@ pub struct Reply {
     pub body: Vec<u8>,
 }
 
-type Stream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+pub type Stream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
 /// An HTTP/3 connection to the daemon.
 pub struct H3 {
@@ -127,6 +127,18 @@ impl H3 {
         })
     }
 
+    /// Sends a request's head and leaves its stream open for a body.
+    pub async fn open(&mut self, method: Method, path: &str, headers: &[(&str, &str)]) -> Stream {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("https://{}{path}", self.authority));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(()).expect("request");
+        self.send.send_request(req).await.expect("send request")
+    }
+
     /// Sends a request with `body` (and finishes it); the response is read by the caller.
     pub async fn start(
         &mut self,
@@ -135,24 +147,17 @@ impl H3 {
         headers: &[(&str, &str)],
         body: Option<Bytes>,
     ) -> Stream {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("https://{}{path}", self.authority));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(()).expect("request");
-        let mut stream = self.send.send_request(req).await.expect("send request");
+        let mut stream = self.open(method, path, headers).await;
         if let Some(body) = body {
             // In pieces, as a client streaming a layer would.
             for chunk in body.chunks(1 << 20) {
-                stream
-                    .send_data(Bytes::copy_from_slice(chunk))
-                    .await
-                    .expect("send body");
+                let sent = stream.send_data(Bytes::copy_from_slice(chunk)).await;
+                if stopped(sent) {
+                    return stream;
+                }
             }
         }
-        stream.finish().await.expect("finish request");
+        stopped(stream.finish().await);
         stream
     }
 
@@ -172,6 +177,21 @@ impl H3 {
         self.endpoint.close(quinn::VarInt::from_u32(0x100), b"done");
         self.driver.abort();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Whether the server stopped the request with H3_NO_ERROR: it answers without the rest
+/// of the request (RFC 9114 4.1), and the response is still to be read. Any other error
+/// fails the test.
+pub fn stopped(sent: Result<(), h3::error::StreamError>) -> bool {
+    match sent {
+        Ok(()) => false,
+        Err(h3::error::StreamError::RemoteTerminate { code, .. })
+            if code == h3::error::Code::H3_NO_ERROR =>
+        {
+            true
+        }
+        Err(e) => panic!("sending the request: {e}"),
     }
 }
 
