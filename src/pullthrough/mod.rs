@@ -646,9 +646,10 @@ impl PullThrough {
         }
     }
 
-    /// Background upkeep until `shutdown`: flushes blob access times, probes idle
-    /// upstreams, and with a size budget evicts least-recently-used upstream content
-    /// after downloads and at least every `interval`.
+    /// Background upkeep until `shutdown`: probes idle upstreams (at start too, so that
+    /// `outpost_upstream_up` is true from the first minute), flushes blob access times,
+    /// and with a size budget evicts least-recently-used upstream content after downloads
+    /// and at least every `interval`.
     pub async fn maintain(
         &self,
         budget: Option<u64>,
@@ -656,6 +657,11 @@ impl PullThrough {
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         loop {
+            // A hung upstream's probe never holds up a stop.
+            tokio::select! {
+                () = self.probe_idle_upstreams() => {}
+                () = shutdown.cancelled() => {}
+            }
             let stopping = tokio::select! {
                 _ = self.committed.notified() => false,
                 _ = tokio::time::sleep(interval) => false,
@@ -667,7 +673,6 @@ impl PullThrough {
             if stopping {
                 return;
             }
-            self.probe_idle_upstreams().await;
             if let Some(budget) = budget {
                 match self.store.evict(budget).await {
                     Ok(r) if r.evicted_blobs > 0 => {
