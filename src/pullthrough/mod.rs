@@ -296,7 +296,9 @@ impl PullThrough {
         if answer.coalesced {
             self.metrics.coalesced(upstream);
         }
-        if matches!(answer.source, Source::Fetched | Source::Revalidated) {
+        // Only the request whose own client fetched may teach: one that joined another's
+        // fetch may hold a different client (a reload between them changes credentials).
+        if !answer.coalesced && matches!(answer.source, Source::Fetched | Source::Revalidated) {
             self.learn_anonymous(t);
         }
         Ok(answer)
@@ -1331,6 +1333,112 @@ mod tests {
         };
         let v1: Reference = "v1".parse().expect("tag");
         pt.manifest(&t, &v1, None).await.expect("image");
+        pt.close().await;
+        assert!(!central.may_list(Puller::Anonymous, &remote).await);
+        server.stop().await;
+    }
+
+    /// Regression: a request that joined another's fetch taught what that fetch got.
+    /// Fetches are shared by repository, not by client, so an anonymous client that
+    /// joined a fetch made with credentials (a reload between the two took them away)
+    /// recorded a private central repository as served to anyone.
+    #[tokio::test]
+    async fn a_request_joining_a_fetch_made_with_credentials_teaches_nothing_anonymous() {
+        use crate::auth::central::Puller;
+        use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
+
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let (image, _) = manifests();
+        let gate = release.clone();
+        let server = TestServer::start(move |s: Seen| {
+            let (gate, image) = (gate.clone(), image.clone());
+            async move {
+                if s.uri == "/v2/" {
+                    return respond(200, &[], "{}");
+                }
+                if s.uri != "/v2/a/b/manifests/v1" {
+                    return respond(404, &[], "{}");
+                }
+                // Held until the test lets it go, so the second request joins.
+                drop(gate.acquire().await);
+                let digest = Digest::sha256_of(&image).to_string();
+                respond(
+                    200,
+                    &[
+                        ("content-type", OCI_MANIFEST),
+                        ("docker-content-digest", &digest),
+                    ],
+                    image,
+                )
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (plain, metrics) = pull_through(&server.url(), dir.path());
+        let upstreams = plain.upstreams().clone();
+        let anonymous = upstreams.by_name("up.example").expect("configured");
+        let rules = CentralRules {
+            ttl: Duration::from_secs(60),
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            offline_grace: Duration::from_secs(3600),
+        };
+        let central = Arc::new(
+            CentralAuth::new(
+                anonymous.client().clone(),
+                plain.store.clone(),
+                rules,
+                metrics.clone(),
+            )
+            .expect("central"),
+        );
+        let pt = Arc::new(PullThrough::new(
+            plain.store.clone(),
+            upstreams.clone(),
+            metrics,
+            Some(central.clone()),
+        ));
+        let password = dir.path().join("password");
+        std::fs::write(&password, "secret").expect("password");
+        let reloaded = Config::from_toml(&format!(
+            "[server]\nlisten = [\"127.0.0.1:5000\"]\npublic_url = \"http://outpost.site:5000\"\n\
+             [storage]\npath = {:?}\n[[upstream]]\nname = \"up.example\"\nurl = \"{}\"\n\
+             username = \"site\"\npassword_file = {:?}\n",
+            dir.path(),
+            server.url(),
+            password
+        ))
+        .expect("valid config");
+        upstreams.install(upstreams.stage(&reloaded).expect("staged"));
+        let with_credentials = upstreams.by_name("up.example").expect("configured");
+        assert!(with_credentials.client().has_credentials());
+        assert!(!anonymous.client().has_credentials());
+
+        let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
+        let v1: Reference = "v1".parse().expect("tag");
+        let ask = |handle: UpstreamHandle| {
+            let (pt, remote, canonical, v1) =
+                (pt.clone(), remote.clone(), canonical.clone(), v1.clone());
+            tokio::spawn(async move {
+                let t = Target {
+                    upstream: &handle,
+                    remote: &remote,
+                    canonical: &canonical,
+                };
+                pt.manifest(&t, &v1, None).await
+            })
+        };
+        let leader = ask(with_credentials.clone());
+        while server.count("/v2/a/b/manifests/v1") == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let follower = ask(anonymous.clone());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release.add_permits(1);
+        let led = leader.await.expect("leader task").expect("image");
+        let joined = follower.await.expect("follower task").expect("image");
+        assert!(!led.coalesced);
+        assert!(joined.coalesced, "the anonymous request joined the fetch");
+        assert_eq!(joined.source, Source::Fetched);
         pt.close().await;
         assert!(!central.may_list(Puller::Anonymous, &remote).await);
         server.stop().await;
