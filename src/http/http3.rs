@@ -143,13 +143,15 @@ async fn connection(
             }
         }
     }
-    // Drain: GOAWAY names the last request taken; the ones started finish. The
-    // connection keeps being polled meanwhile (its control stream), refusing new ones.
+    // Drain: the requests started finish; the connection keeps being polled meanwhile
+    // (its control stream), refusing new ones. GOAWAY carries the first stream ID *not*
+    // processed (RFC 9114 5.2): h3's `shutdown(n)` sends the last accepted ID plus n,
+    // so 1, or a client would take its last request for unprocessed and send it again.
     let draining = shutdown.is_cancelled();
     let busy = !requests.is_empty();
     requests.close();
     if draining {
-        let _ = conn.shutdown(0).await;
+        let _ = conn.shutdown(1).await;
     }
     tokio::select! {
         _ = requests.wait() => {}
