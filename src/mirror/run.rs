@@ -1018,6 +1018,11 @@ impl Mirror {
             elapsed_ms = report.duration.as_millis() as u64,
             "mirror run finished"
         );
+        // A reload removed the job while it ran: what the run pinned is released now,
+        // not at the next reload or start.
+        if !self.jobs().iter().any(|j| j.name == job.name) {
+            self.release_removed_jobs().await;
+        }
     }
 }
 
@@ -1189,12 +1194,9 @@ fn percent_decode(value: &str) -> String {
 mod tests {
     use super::*;
 
-    /// Regression guard: a job removed from the configuration kept its pins forever.
-    /// The next run (or daemon start) releases them: the tag stays, its blob is evictable.
-    #[tokio::test]
-    async fn a_job_removed_from_the_configuration_releases_its_pins() {
-        let dir = tempfile::tempdir().expect("dir");
-        let store = Store::open(dir.path(), 1 << 20).expect("store");
+    /// Stores tag `v1` of `central.corp/team/app` (an image of one config blob) as
+    /// mirrored and pinned by job `job`; returns the repository.
+    async fn pinned_by(store: &Store, job: &str) -> RepoName {
         let repo: RepoName = "central.corp/team/app".parse().expect("repo");
         let config = Bytes::from_static(b"{\"architecture\":\"amd64\"}");
         let digest = Digest::sha256_of(&config);
@@ -1215,7 +1217,7 @@ mod tests {
         let top = Digest::sha256_of(body.as_bytes());
         store
             .flip_mirrored_tag(
-                "gone",
+                job,
                 FetchedManifest {
                     repo: repo.clone(),
                     digest: top.clone(),
@@ -1233,6 +1235,16 @@ mod tests {
             .await
             .expect("flip");
         assert_eq!(store.evict(0).await.expect("evict").evicted_blobs, 0);
+        repo
+    }
+
+    /// Regression guard: a job removed from the configuration kept its pins forever.
+    /// The next run (or daemon start) releases them: the tag stays, its blob is evictable.
+    #[tokio::test]
+    async fn a_job_removed_from_the_configuration_releases_its_pins() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path(), 1 << 20).expect("store");
+        let repo = pinned_by(&store, "gone").await;
 
         let config = crate::config::Config::from_toml(
             "[server]\nlisten=[\"127.0.0.1:0\"]\npublic_url=\"http://x\"\n[storage]\npath=\"x\"\n",
@@ -1262,6 +1274,62 @@ mod tests {
             1,
             "no longer pinned"
         );
+    }
+
+    /// Regression: a reload released the pins of removed jobs only as it applied, so a
+    /// run of a removed job still in progress then pinned what it mirrored until the
+    /// next reload or start. The run's end releases them.
+    #[tokio::test]
+    async fn a_run_of_a_job_removed_while_it_ran_releases_its_pins_when_it_ends() {
+        use crate::upstream::testserver::{Seen, TestServer, respond};
+
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let asked = Arc::new(tokio::sync::Notify::new());
+        let (gate, told) = (release.clone(), asked.clone());
+        // The central registry holds the run's first request until the test lets it go.
+        let server = TestServer::start(move |_: Seen| {
+            let (gate, told) = (gate.clone(), told.clone());
+            async move {
+                told.notify_one();
+                drop(gate.acquire().await);
+                respond(503, &[], "down")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path(), 1 << 20).expect("store");
+        pinned_by(&store, "nightly").await;
+        let config = crate::config::Config::from_toml(&format!(
+            "[server]\nlisten=[\"127.0.0.1:0\"]\npublic_url=\"http://x\"\n[storage]\npath=\"x\"\n\
+             [[upstream]]\nname=\"central.corp\"\nurl=\"{}\"\n\
+             [[mirror]]\nname=\"nightly\"\nupstream=\"central.corp\"\n\
+             repositories=[\"team/app\"]\ntags=[\"v*\"]\n",
+            server.url()
+        ))
+        .expect("config");
+        let upstreams = Upstreams::new(&config).expect("upstreams");
+        let mirror = Mirror::new(
+            store.clone(),
+            upstreams,
+            config.mirrors.clone(),
+            Arc::new(Metrics::new()),
+            None,
+        );
+        let run = {
+            let mirror = mirror.clone();
+            tokio::spawn(async move { mirror.run(&["nightly".to_owned()], None).await })
+        };
+        asked.notified().await;
+        mirror.set_jobs(Vec::new());
+        release.add_permits(1_000);
+        let reports = run.await.expect("run task").expect("ran");
+        assert!(!reports[0].ok(), "the registry answered 503");
+        assert!(
+            store.mirror_holders().await.expect("holders").is_empty(),
+            "the removed job's pins were released when its run ended"
+        );
+        assert_eq!(store.evict(0).await.expect("evict").evicted_blobs, 1);
+        server.stop().await;
     }
 
     #[test]
