@@ -5,7 +5,7 @@
 //! A job never overlaps itself: its slots run one after the other here, and the mirror
 //! service refuses a manual run of a job that is running. A reload that changes or
 //! removes a job retires its schedule once no run is in progress; a new or changed job
-//! gets a schedule of its own. The last slot run is durable
+//! gets a schedule of its own (a changed job's, once the old schedule's run is done). The last slot run is durable
 //! (in the job's run record), so a restart neither repeats it nor forgets a missed one.
 //! Time is the wall clock as `crate::clock::Clock` reads it, so tests drive schedules
 //! with tokio's paused time.
@@ -82,9 +82,18 @@ pub(crate) struct Schedules {
     clock: Clock,
     tasks: TaskTracker,
     shutdown: CancellationToken,
-    /// Each scheduled job, by name: its settings as scheduled, and the token that
-    /// retires its task.
-    active: tokio::sync::Mutex<HashMap<String, (String, CancellationToken)>>,
+    /// Each scheduled job, by name.
+    active: tokio::sync::Mutex<HashMap<String, Scheduled>>,
+}
+
+/// A job's schedule task as [`Schedules`] tracks it.
+struct Scheduled {
+    /// The job's settings as scheduled.
+    settings: String,
+    /// Retires the task.
+    retire: CancellationToken,
+    /// Cancelled when the task has ended (its last run finished).
+    ended: CancellationToken,
 }
 
 /// A job's settings, to tell a changed job from an unchanged one.
@@ -116,13 +125,15 @@ impl Schedules {
         self.mirror.release_removed_jobs().await;
         let jobs = self.mirror.jobs();
         let mut active = self.active.lock().await;
-        active.retain(|name, (scheduled, retire)| {
+        let mut retired = HashMap::new();
+        active.retain(|name, task| {
             let keep = jobs
                 .iter()
-                .any(|j| &j.name == name && j.schedule.is_some() && settings(j) == *scheduled);
+                .any(|j| &j.name == name && j.schedule.is_some() && settings(j) == task.settings);
             if !keep {
                 tracing::info!(job = %name, "mirror job schedule retired");
-                retire.cancel();
+                task.retire.cancel();
+                retired.insert(name.clone(), task.ended.clone());
             }
             keep
         });
@@ -135,35 +146,43 @@ impl Schedules {
             }
             let offset =
                 super::schedule::jitter_offset(&self.instance, &job.name, job.jitter).as_secs();
-            let last = match self.mirror.last_slot(&job.name).await {
-                Ok(last) => last,
-                Err(e) => {
-                    tracing::warn!(job = %job.name, error = %e, "reading the last mirror run failed");
-                    None
-                }
-            };
             let name = job.name.clone();
             tracing::info!(job = %name, schedule = %cron, jitter_s = offset, "mirror job scheduled");
             let run: RunSlot = {
-                let mirror = self.mirror.clone();
+                let (mirror, name) = (self.mirror.clone(), name.clone());
                 Arc::new(move |slot| {
                     let (mirror, name) = (mirror.clone(), name.clone());
                     Box::pin(async move { mirror.run_slot(&name, slot).await })
                 })
             };
-            let retire = self.shutdown.child_token();
-            active.insert(job.name.clone(), (settings(job), retire.clone()));
-            self.tasks.spawn(schedule_job(
-                cron,
-                offset,
-                last,
-                self.clock,
-                run,
-                Stop {
-                    shutdown: self.shutdown.clone(),
-                    retire,
+            let last: LastSlot = {
+                let mirror = self.mirror.clone();
+                Box::pin(async move {
+                    mirror.last_slot(&name).await.unwrap_or_else(|e| {
+                        tracing::warn!(job = %name, error = %e, "reading the last mirror run failed");
+                        None
+                    })
+                })
+            };
+            let (retire, ended) = (self.shutdown.child_token(), CancellationToken::new());
+            active.insert(
+                job.name.clone(),
+                Scheduled {
+                    settings: settings(job),
+                    retire: retire.clone(),
+                    ended: ended.clone(),
                 },
-            ));
+            );
+            let stop = Stop {
+                shutdown: self.shutdown.clone(),
+                retire,
+            };
+            let previous = retired.get(&job.name).cloned();
+            let clock = self.clock;
+            self.tasks.spawn(async move {
+                let _ended = ended.drop_guard();
+                take_over(previous, last, cron, offset, clock, run, stop).await;
+            });
         }
     }
 
@@ -180,6 +199,27 @@ impl Schedules {
 struct Stop {
     shutdown: CancellationToken,
     retire: CancellationToken,
+}
+
+/// Reads the last slot a job ran (its durable run record).
+type LastSlot = Pin<Box<dyn Future<Output = Option<u64>> + Send>>;
+
+/// Runs a job's schedule once the task it replaces (`previous` is cancelled when that
+/// has ended) has finished its run: the last slot is read only then, so a slot that run
+/// was mirroring is not taken for missed and run again.
+async fn take_over(
+    previous: Option<CancellationToken>,
+    last: LastSlot,
+    cron: Cron,
+    offset: u64,
+    clock: Clock,
+    run: RunSlot,
+    stop: Stop,
+) {
+    if let Some(previous) = previous {
+        previous.cancelled().await;
+    }
+    schedule_job(cron, offset, last.await, clock, run, stop).await;
 }
 
 /// Runs a job's schedule until it is stopped.
@@ -421,6 +461,74 @@ mod tests {
             *finished.lock().expect("lock"),
             1,
             "finished, and no other run"
+        );
+    }
+
+    /// Regression: a reload that changed a job mid-run started its new schedule at once,
+    /// which read the last slot before the run in progress recorded it, took that slot
+    /// for missed and ran it again. The new schedule now starts when the old one ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_job_changed_mid_run_does_not_run_that_slot_again() {
+        let clock = Clock::new();
+        let cron = nightly();
+        let slot = cron.next_after(clock.now_secs()).expect("slot");
+        // The durable record: the night before, until the run of `slot` ends.
+        let recorded = Arc::new(Mutex::new(Some(slot - DAY)));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let started = Arc::new(Mutex::new(Some(started_tx)));
+        let finish = Arc::new(tokio::sync::Notify::new());
+        let old_run: RunSlot = {
+            let (recorded, finish) = (recorded.clone(), finish.clone());
+            Arc::new(move |run_slot| {
+                let (started, finish, recorded) =
+                    (started.clone(), finish.clone(), recorded.clone());
+                Box::pin(async move {
+                    if let Some(tx) = started.lock().expect("lock").take() {
+                        let _ = tx.send(());
+                    }
+                    finish.notified().await;
+                    *recorded.lock().expect("lock") = Some(run_slot);
+                    true
+                })
+            })
+        };
+        let shutdown = CancellationToken::new();
+        let old_stop = stops(&shutdown);
+        let retire = old_stop.retire.clone();
+        let ended = CancellationToken::new();
+        let old = {
+            let (ended, cron) = (ended.clone(), cron.clone());
+            tokio::spawn(async move {
+                let _ended = ended.drop_guard();
+                schedule_job(cron, 0, Some(slot - DAY), clock, old_run, old_stop).await;
+            })
+        };
+        started_rx.await.expect("the slot's run started");
+        retire.cancel();
+        let (new_run, seen, _) = recorder(vec![]);
+        let last: LastSlot = {
+            let recorded = recorded.clone();
+            Box::pin(async move { *recorded.lock().expect("lock") })
+        };
+        let new = tokio::spawn(take_over(
+            Some(ended),
+            last,
+            cron,
+            0,
+            clock,
+            new_run,
+            stops(&shutdown),
+        ));
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        finish.notify_one();
+        old.await.expect("old schedule task");
+        let got = until_runs(&seen, 1).await;
+        shutdown.cancel();
+        new.await.expect("new schedule task");
+        assert_eq!(
+            got[0].0,
+            slot + DAY,
+            "the new schedule starts with the next night, not the slot just run"
         );
     }
 
