@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 
 use bytes::Bytes;
 use common::h3client::{H3, TestCert, https_client, read, read_body, stopped};
@@ -27,13 +28,19 @@ fn replace_cert(to: &TestCert, from: &TestCert) {
     std::fs::copy(&from.key, &to.key).expect("copy key");
 }
 
+/// The real binary in `dir` with an issuer, a certificate and HTTP/3 on a free port.
+fn start_tls(dir: &Path) -> (Issuer, TestCert, u16, Server) {
+    let issuer = Issuer::new(&dir.join("issuer"));
+    let cert = TestCert::new(dir, "server");
+    let port = process::free_port();
+    let server = Server::start_process(dir, &issuer, &tls_section(&cert, port));
+    (issuer, cert, port, server)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn http3_serves_the_same_api_pulls_byte_exact_and_pushes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let issuer = Issuer::new(&dir.path().join("issuer"));
-    let cert = TestCert::new(dir.path(), "server");
-    let port = process::free_port();
-    let server = Server::start_process(dir.path(), &issuer, &tls_section(&cert, port));
+    let (issuer, cert, port, server) = start_tls(dir.path());
     let key = issuer.issue("ci", &["team/**"], "pull,push", "1h");
     let (manifest_digest, manifest, _) = push_image(&server, &key, "team/app", "v1", 1).await;
     let big = bytes(3, 24 << 20);
@@ -161,11 +168,8 @@ async fn http3_serves_the_same_api_pulls_byte_exact_and_pushes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_responses_advertise_http3_and_a_reloaded_certificate_is_served_on_both() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let issuer = Issuer::new(&dir.path().join("issuer"));
-    let cert = TestCert::new(dir.path(), "server");
+    let (_issuer, cert, port, server) = start_tls(dir.path());
     let renewed = TestCert::new(dir.path(), "renewed");
-    let port = process::free_port();
-    let server = Server::start_process(dir.path(), &issuer, &tls_section(&cert, port));
     let tls_url = format!("https://127.0.0.1:{port}/v2/");
     let alt_svc = format!("h3=\":{port}\"; ma=86400");
 
@@ -213,10 +217,7 @@ async fn tls_responses_advertise_http3_and_a_reloaded_certificate_is_served_on_b
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http3_download_in_flight_finishes_across_a_graceful_stop() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let issuer = Issuer::new(&dir.path().join("issuer"));
-    let cert = TestCert::new(dir.path(), "server");
-    let port = process::free_port();
-    let mut server = Server::start_process(dir.path(), &issuer, &tls_section(&cert, port));
+    let (issuer, cert, port, mut server) = start_tls(dir.path());
     let key = issuer.issue("ci", &["team/**"], "pull,push", "1h");
     let big = bytes(5, 32 << 20);
     let (digest, status) = push_blob(&server, &key, "team/app", &big).await;
@@ -253,10 +254,7 @@ async fn an_http3_download_in_flight_finishes_across_a_graceful_stop() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_answered_before_its_end_is_stopped_with_h3_no_error() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let issuer = Issuer::new(&dir.path().join("issuer"));
-    let cert = TestCert::new(dir.path(), "server");
-    let port = process::free_port();
-    let server = Server::start_process(dir.path(), &issuer, &tls_section(&cert, port));
+    let (_issuer, cert, port, server) = start_tls(dir.path());
     let udp: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut h3 = H3::connect(udp, &cert.pem())
         .await

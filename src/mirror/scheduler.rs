@@ -348,6 +348,36 @@ mod tests {
         (run, seen, clock)
     }
 
+    /// A run that tells the receiver when it first starts, then waits until the
+    /// `Notify` lets it go, calls `done` with its slot and succeeds.
+    fn held_run(
+        done: impl Fn(u64) + Send + Sync + 'static,
+    ) -> (
+        RunSlot,
+        tokio::sync::oneshot::Receiver<()>,
+        Arc<tokio::sync::Notify>,
+    ) {
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let started = Arc::new(Mutex::new(Some(started_tx)));
+        let finish = Arc::new(tokio::sync::Notify::new());
+        let done = Arc::new(done);
+        let run: RunSlot = {
+            let finish = finish.clone();
+            Arc::new(move |slot| {
+                let (started, finish, done) = (started.clone(), finish.clone(), done.clone());
+                Box::pin(async move {
+                    if let Some(tx) = started.lock().expect("lock").take() {
+                        let _ = tx.send(());
+                    }
+                    finish.notified().await;
+                    done(slot);
+                    true
+                })
+            })
+        };
+        (run, started_rx, finish)
+    }
+
     async fn until_runs(seen: &Seen, n: usize) -> Vec<(u64, u64)> {
         loop {
             let got = seen.lock().expect("lock").clone();
@@ -428,24 +458,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_retired_schedule_finishes_its_run_and_ends() {
         let clock = Clock::new();
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-        let started = Arc::new(Mutex::new(Some(started_tx)));
-        let finish = Arc::new(tokio::sync::Notify::new());
         let finished = Arc::new(Mutex::new(0));
-        let run: RunSlot = {
-            let (finish, finished) = (finish.clone(), finished.clone());
-            Arc::new(move |_slot| {
-                let (started, finish, finished) =
-                    (started.clone(), finish.clone(), finished.clone());
-                Box::pin(async move {
-                    if let Some(tx) = started.lock().expect("lock").take() {
-                        let _ = tx.send(());
-                    }
-                    finish.notified().await;
-                    *finished.lock().expect("lock") += 1;
-                    true
-                })
-            })
+        let (run, started_rx, finish) = {
+            let finished = finished.clone();
+            held_run(move |_| *finished.lock().expect("lock") += 1)
         };
         let shutdown = CancellationToken::new();
         let stop = stops(&shutdown);
@@ -474,23 +490,9 @@ mod tests {
         let slot = cron.next_after(clock.now_secs()).expect("slot");
         // The durable record: the night before, until the run of `slot` ends.
         let recorded = Arc::new(Mutex::new(Some(slot - DAY)));
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-        let started = Arc::new(Mutex::new(Some(started_tx)));
-        let finish = Arc::new(tokio::sync::Notify::new());
-        let old_run: RunSlot = {
-            let (recorded, finish) = (recorded.clone(), finish.clone());
-            Arc::new(move |run_slot| {
-                let (started, finish, recorded) =
-                    (started.clone(), finish.clone(), recorded.clone());
-                Box::pin(async move {
-                    if let Some(tx) = started.lock().expect("lock").take() {
-                        let _ = tx.send(());
-                    }
-                    finish.notified().await;
-                    *recorded.lock().expect("lock") = Some(run_slot);
-                    true
-                })
-            })
+        let (old_run, started_rx, finish) = {
+            let recorded = recorded.clone();
+            held_run(move |run_slot| *recorded.lock().expect("lock") = Some(run_slot))
         };
         let shutdown = CancellationToken::new();
         let old_stop = stops(&shutdown);

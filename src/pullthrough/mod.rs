@@ -1228,41 +1228,67 @@ mod tests {
         );
     }
 
-    /// A manifest the central registry serves Outpost's anonymous client teaches the
-    /// central login service that the repository is anonymous there; the lesson is a
-    /// tracked task that `close` waits for.
-    #[tokio::test]
-    async fn central_learning_is_done_when_close_returns() {
-        use crate::auth::central::Puller;
+    /// A pull-through service over `up.example` at `url` that is also the central
+    /// registry, learning from Outpost's anonymous client; with that central login
+    /// service and the upstream's (anonymous) handle.
+    fn with_central(
+        url: &str,
+        dir: &std::path::Path,
+    ) -> (PullThrough, Arc<CentralAuth>, UpstreamHandle) {
         use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
 
-        let server = upstream(Arc::new(AtomicBool::new(false))).await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (plain, metrics) = pull_through(&server.url(), dir.path());
-        let handle = plain
-            .upstreams()
-            .by_name("up.example")
-            .expect("configured")
-            .clone();
+        let (plain, metrics) = pull_through(url, dir);
+        let anonymous = plain.upstreams().by_name("up.example").expect("configured");
         let rules = CentralRules {
             ttl: Duration::from_secs(60),
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             offline_grace: Duration::from_secs(3600),
         };
-        let central = CentralAuth::new(
-            handle.client().clone(),
-            plain.store.clone(),
-            rules,
-            metrics.clone(),
-        )
-        .expect("central");
-        let central = Arc::new(central);
+        let central = Arc::new(
+            CentralAuth::new(
+                anonymous.client().clone(),
+                plain.store.clone(),
+                rules,
+                metrics.clone(),
+            )
+            .expect("central"),
+        );
         let pt = PullThrough::new(
             plain.store.clone(),
             plain.upstreams().clone(),
             metrics,
             Some(central.clone()),
         );
+        (pt, central, anonymous)
+    }
+
+    /// Reloads `up.example` (at `url`) with credentials, as SIGHUP does; returns its new
+    /// handle.
+    fn give_credentials(upstreams: &Upstreams, url: &str, dir: &std::path::Path) -> UpstreamHandle {
+        let password = dir.join("password");
+        std::fs::write(&password, "secret").expect("password");
+        let reloaded = Config::from_toml(&format!(
+            "[server]\nlisten = [\"127.0.0.1:5000\"]\npublic_url = \"http://outpost.site:5000\"\n\
+             [storage]\npath = {dir:?}\n[[upstream]]\nname = \"up.example\"\nurl = \"{url}\"\n\
+             username = \"site\"\npassword_file = {password:?}\n"
+        ))
+        .expect("valid config");
+        upstreams.install(upstreams.stage(&reloaded).expect("staged"));
+        let with_credentials = upstreams.by_name("up.example").expect("configured");
+        assert!(with_credentials.client().has_credentials());
+        with_credentials
+    }
+
+    /// A manifest the central registry serves Outpost's anonymous client teaches the
+    /// central login service that the repository is anonymous there; the lesson is a
+    /// tracked task that `close` waits for.
+    #[tokio::test]
+    async fn central_learning_is_done_when_close_returns() {
+        use crate::auth::central::Puller;
+
+        let server = upstream(Arc::new(AtomicBool::new(false))).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (pt, central, handle) = with_central(&server.url(), dir.path());
         let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
         let t = Target {
             upstream: &handle,
@@ -1283,47 +1309,11 @@ mod tests {
     #[tokio::test]
     async fn a_central_upstream_given_credentials_by_a_reload_teaches_nothing_anonymous() {
         use crate::auth::central::Puller;
-        use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
 
         let server = upstream(Arc::new(AtomicBool::new(false))).await;
         let dir = tempfile::tempdir().expect("temp dir");
-        let (plain, metrics) = pull_through(&server.url(), dir.path());
-        let upstreams = plain.upstreams().clone();
-        let anonymous = upstreams.by_name("up.example").expect("configured");
-        let rules = CentralRules {
-            ttl: Duration::from_secs(60),
-            negative_ttl: DEFAULT_NEGATIVE_TTL,
-            offline_grace: Duration::from_secs(3600),
-        };
-        let central = Arc::new(
-            CentralAuth::new(
-                anonymous.client().clone(),
-                plain.store.clone(),
-                rules,
-                metrics.clone(),
-            )
-            .expect("central"),
-        );
-        let pt = PullThrough::new(
-            plain.store.clone(),
-            upstreams.clone(),
-            metrics,
-            Some(central.clone()),
-        );
-        let password = dir.path().join("password");
-        std::fs::write(&password, "secret").expect("password");
-        let reloaded = Config::from_toml(&format!(
-            "[server]\nlisten = [\"127.0.0.1:5000\"]\npublic_url = \"http://outpost.site:5000\"\n\
-             [storage]\npath = {:?}\n[[upstream]]\nname = \"up.example\"\nurl = \"{}\"\n\
-             username = \"site\"\npassword_file = {:?}\n",
-            dir.path(),
-            server.url(),
-            password
-        ))
-        .expect("valid config");
-        upstreams.install(upstreams.stage(&reloaded).expect("staged"));
-        let with_credentials = upstreams.by_name("up.example").expect("configured");
-        assert!(with_credentials.client().has_credentials());
+        let (pt, central, _) = with_central(&server.url(), dir.path());
+        let with_credentials = give_credentials(pt.upstreams(), &server.url(), dir.path());
 
         let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
         let t = Target {
@@ -1345,7 +1335,6 @@ mod tests {
     #[tokio::test]
     async fn a_request_joining_a_fetch_made_with_credentials_teaches_nothing_anonymous() {
         use crate::auth::central::Puller;
-        use crate::auth::central::{CentralRules, DEFAULT_NEGATIVE_TTL};
 
         let release = Arc::new(tokio::sync::Semaphore::new(0));
         let (image, _) = manifests();
@@ -1374,44 +1363,10 @@ mod tests {
         })
         .await;
         let dir = tempfile::tempdir().expect("temp dir");
-        let (plain, metrics) = pull_through(&server.url(), dir.path());
-        let upstreams = plain.upstreams().clone();
-        let anonymous = upstreams.by_name("up.example").expect("configured");
-        let rules = CentralRules {
-            ttl: Duration::from_secs(60),
-            negative_ttl: DEFAULT_NEGATIVE_TTL,
-            offline_grace: Duration::from_secs(3600),
-        };
-        let central = Arc::new(
-            CentralAuth::new(
-                anonymous.client().clone(),
-                plain.store.clone(),
-                rules,
-                metrics.clone(),
-            )
-            .expect("central"),
-        );
-        let pt = Arc::new(PullThrough::new(
-            plain.store.clone(),
-            upstreams.clone(),
-            metrics,
-            Some(central.clone()),
-        ));
-        let password = dir.path().join("password");
-        std::fs::write(&password, "secret").expect("password");
-        let reloaded = Config::from_toml(&format!(
-            "[server]\nlisten = [\"127.0.0.1:5000\"]\npublic_url = \"http://outpost.site:5000\"\n\
-             [storage]\npath = {:?}\n[[upstream]]\nname = \"up.example\"\nurl = \"{}\"\n\
-             username = \"site\"\npassword_file = {:?}\n",
-            dir.path(),
-            server.url(),
-            password
-        ))
-        .expect("valid config");
-        upstreams.install(upstreams.stage(&reloaded).expect("staged"));
-        let with_credentials = upstreams.by_name("up.example").expect("configured");
-        assert!(with_credentials.client().has_credentials());
+        let (pt, central, anonymous) = with_central(&server.url(), dir.path());
+        let with_credentials = give_credentials(pt.upstreams(), &server.url(), dir.path());
         assert!(!anonymous.client().has_credentials());
+        let pt = Arc::new(pt);
 
         let (remote, canonical) = (name("a/b"), name("up.example/a/b"));
         let v1: Reference = "v1".parse().expect("tag");
